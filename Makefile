@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   trains a tiny VidRD on built-in synthetic videos and samples long videos (CPU, no downloads)
+#   make test   runs the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install install-test
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+
+$(STAMP): requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q -r requirements.txt
+	# The CLIP BPE vocabulary ships in open_clip's wheel; we read the file, never import the package.
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	touch $@
+
+$(VENV)/.installed-test: requirements-test.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+install: $(STAMP)
+install-test: $(VENV)/.installed-test
+
+demo: $(STAMP)
+	$(PY) -m vidrd_jax.demo --out=demo_out
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist=loadfile
