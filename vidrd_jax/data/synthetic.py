@@ -41,7 +41,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
 COLOR_HUES: dict[str, float] = {
     name: 360.0 * colorsys.rgb_to_hsv(*rgb)[0] for name, rgb in COLORS.items()
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 # Unit vectors in (x, y) image coordinates (y grows downwards).
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
@@ -95,8 +95,11 @@ def make_caption(attributes: Mapping[str, Any], with_size: bool = False,
   return " ".join(words)
 
 
-def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-  """Boolean inside-test of a shape centred at the origin, axis aligned, bounding box 2r x 2r."""
+def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+  """Inside-test of a shape centred at the origin, axis aligned, bounding box 2r x 2r.
+
+  ``dx``, ``dy`` are offsets (any broadcastable shape, y downwards); returns a boolean array.
+  """
   if shape == "circle":
     return dx * dx + dy * dy <= r * r
   if shape == "square":
@@ -121,8 +124,8 @@ def render_video(color: str, shape: str, direction: str, *, frames: int, resolut
   """Renders one moving shape on a torus.
 
   Args:
-    color, shape, direction, size, background: names from ``COLORS``, ``SHAPES`` (plus
-      ``diamond``, ``cross``), ``DIRECTIONS``, ``SIZES``, ``BACKGROUNDS``.
+    color, shape, direction, size, background: names from ``COLORS``, ``SHAPES``,
+      ``DIRECTIONS``, ``SIZES``, ``BACKGROUNDS``.
     frames: number of frames F.
     resolution: frame side H = W in pixels.
     speed: displacement per frame, as a fraction of the frame side.
@@ -149,7 +152,7 @@ def render_video(color: str, shape: str, direction: str, *, frames: int, resolut
   # Wrapped (torus) offsets from the centre in [-n/2, n/2): the shape re-enters at the far edge.
   dx = np.mod(coords[None, None, :] - cx + n / 2, n) - n / 2
   dy = np.mod(coords[None, :, None] - cy + n / 2, n) - n / 2
-  inside = _coverage(shape, dx, dy, r).astype(np.float32)  # [F, n*s, n*s]
+  inside = shape_inside(shape, dx, dy, r).astype(np.float32)  # [F, n*s, n*s]
   # Box-filter the supersampled mask down to pixel coverage (anti-aliasing).
   alpha = inside.reshape(frames, n, s, n, s).mean(axis=(2, 4))[..., None]
   fg = np.asarray(COLORS[color], np.float32)
@@ -201,7 +204,7 @@ class SyntheticVideoSource:
       raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     for name, values, table in (("colors", colors, COLORS), ("directions", directions, DIRECTIONS),
                                 ("sizes", sizes, SIZES), ("backgrounds", backgrounds, BACKGROUNDS),
-                                ("shapes", shapes, dict.fromkeys(SHAPES + ("diamond", "cross")))):
+                                ("shapes", shapes, dict.fromkeys(SHAPES))):
       values = tuple(values)
       if not values:
         raise ValueError(f"{name} must not be empty")

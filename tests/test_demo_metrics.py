@@ -1,0 +1,113 @@
+"""Demo metrics: the analytic detector and the clip-boundary metric (vidrd_jax.eval). Budget: < 15 s."""
+
+import numpy as np
+import pytest
+
+from vidrd_jax.data import synthetic
+from vidrd_jax.data.synthetic import SyntheticVideoSource
+from vidrd_jax.eval import detector, metrics
+
+
+@pytest.mark.parametrize("frames, resolution, kwargs", [
+    (8, 32, {}),
+    (32, 32, {}),   # long videos: several wrap-arounds
+    (8, 16, {}),
+    (8, 32, dict(sizes=("small", "medium", "large"), backgrounds=("black", "gray", "white"))),
+    (8, 32, dict(colors=tuple(synthetic.COLORS), shapes=synthetic.SHAPES)),
+])
+def test_detector_is_exact_on_real_clips(frames, resolution, kwargs):
+  src = SyntheticVideoSource(60, frames, resolution, seed=5, split="all", **kwargs)
+  result = metrics.detector_accuracy_on_real(src, num=60)
+  assert result["num"] == 60
+  for attribute in metrics.ATTRIBUTES:
+    assert result["accuracy"][attribute] == 1.0, (attribute, result)
+  assert result["chance"]["color"] == 1 / len(src.colors)
+
+
+def test_detector_reads_uint8_and_degraded_videos():
+  src = SyntheticVideoSource(60, 8, 32, seed=9, split="all")
+  rng = np.random.default_rng(0)
+  videos, uint8_videos = [], []
+  for i in range(len(src)):
+    v = src[i]["video"]
+    uint8_videos.append(np.round((v + 1) * 127.5).astype(np.uint8))
+    # Blur (three 3x3 box passes) and noise, roughly what a small generator's samples look like.
+    for _ in range(3):
+      v = (np.roll(v, 1, 1) + v + np.roll(v, -1, 1)) / 3
+      v = (np.roll(v, 1, 2) + v + np.roll(v, -1, 2)) / 3
+    videos.append(np.clip(v + rng.normal(0, 0.15, v.shape), -1, 1))
+  targets = [src.attributes(i) for i in range(len(src))]
+  exact = metrics.caption_following(uint8_videos, targets)
+  assert all(a == 1.0 for a in exact["accuracy"].values()), exact["accuracy"]
+  assert exact["all_correct"] == 1.0
+  degraded = metrics.caption_following(videos, targets)
+  assert all(a >= 0.9 for a in degraded["accuracy"].values()), degraded["accuracy"]
+
+
+def test_detector_on_blank_and_static_videos():
+  blank = np.full((8, 32, 32, 3), -0.9, np.float32)
+  d = detector.detect(blank)
+  assert d.valid_frames == 0 and d.color is None and d.shape is None and d.direction is None
+  static = synthetic.render_video("red", "square", "left", frames=8, resolution=32, speed=0.0)
+  d = detector.detect(static)
+  assert (d.color, d.shape, d.direction) == ("red", "square", None)
+  # Wrong targets score zero.
+  result = metrics.caption_following([static], [{"color": "blue", "shape": "circle",
+                                                 "direction": "up"}])
+  assert result["accuracy"] == {"color": 0.0, "shape": 0.0, "direction": 0.0}
+
+
+def test_detector_measures_velocity_through_wraparound():
+  video = synthetic.render_video("blue", "triangle", "up", frames=12, resolution=32, speed=0.1,
+                                 x0=0.5, y0=0.1)  # leaves the top edge at once
+  d = detector.detect(video)
+  assert d.direction == "up" and d.shape == "triangle"
+  np.testing.assert_allclose(d.velocity, (0.0, -3.2), atol=0.15)
+
+
+def _long(attrs, frames, x0, y0):
+  return synthetic.render_video(attrs[0], attrs[1], attrs[2], frames=frames, resolution=32,
+                                speed=0.06, x0=x0, y0=y0)
+
+
+def test_boundary_ratio_is_one_for_continuous_motion():
+  # One long render cut into four 8-frame clips: the seams are ordinary frames.
+  video = _long(("green", "circle", "right"), 32, 0.1, 0.5)
+  stats = metrics.boundary_stats(video, clip_frames=8)
+  assert stats["inside_change"] > 0
+  assert abs(stats["ratio"] - 1.0) < 0.05, stats
+  # Clips that continue each other exactly also give 1.0 (here rendered separately).
+  clips = [_long(("green", "circle", "right"), 8, 0.1 + 8 * 0.06 * k, 0.5) for k in range(4)]
+  assert abs(metrics.boundary_ratio(np.concatenate(clips), 8) - 1.0) < 0.05
+
+
+def test_boundary_ratio_detects_jumps():
+  rng = np.random.default_rng(0)
+  # Independent clips: the same caption but a new start position per clip.
+  batch = np.stack([
+      np.concatenate([_long(("red", "square", "left"), 8, rng.uniform(), rng.uniform())
+                      for _ in range(4)])
+      for _ in range(3)])
+  assert batch.shape == (3, 32, 32, 32, 3)
+  ratio = metrics.boundary_ratio(batch, clip_frames=8)
+  assert ratio > 2.5, ratio
+  # A hard cut to a different scene at the one boundary of a two-clip video.
+  cut = np.concatenate([_long(("red", "square", "left"), 8, 0.5, 0.5),
+                        np.ones((8, 32, 32, 3), np.float32)])
+  assert metrics.boundary_ratio(cut, 8) > 100
+
+
+@pytest.mark.parametrize("shape, clip_frames", [((30, 8, 8, 3), 8), ((8, 8, 8, 3), 8),
+                                                ((16, 8, 8), 8), ((16, 8, 8, 3), 1)])
+def test_boundary_bad_input(shape, clip_frames):
+  with pytest.raises(ValueError):
+    metrics.boundary_ratio(np.zeros(shape, np.float32), clip_frames)
+
+
+def test_detector_bad_input():
+  with pytest.raises(ValueError, match="F, H, W, 3"):
+    detector.detect(np.zeros((8, 32, 32), np.float32))
+  with pytest.raises(ValueError, match="purple"):
+    detector.detect(np.zeros((2, 16, 16, 3), np.float32), colors=("purple",))
+  with pytest.raises(ValueError, match="targets"):
+    metrics.caption_following([np.zeros((2, 16, 16, 3))], [])

@@ -1,0 +1,1 @@
+"""Evaluation of generated videos: an analytic detector for the synthetic data and video metrics."""

@@ -1,0 +1,120 @@
+"""Metrics for long generated videos: caption following and temporal consistency at clip seams."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vidrd_jax.data import synthetic
+from vidrd_jax.eval import detector
+
+ATTRIBUTES = ("color", "shape", "direction")
+
+
+def frame_changes(video: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+  """Mean absolute change between consecutive frames.
+
+  Args:
+    video: [F, H, W, C], uint8 or float in ``value_range``.
+
+  Returns:
+    [F - 1] float64: entry t is mean |x[t + 1] - x[t]| in [0, 1] units.
+  """
+  x = detector.to_unit_range(video, value_range).astype(np.float64)
+  return np.abs(np.diff(x, axis=0)).mean(axis=(1, 2, 3))
+
+
+def boundary_stats(videos: np.ndarray, clip_frames: int,
+                   value_range: tuple[float, float] = (-1.0, 1.0)) -> dict[str, float]:
+  """How visible the seams between concatenated clips are.
+
+  A long video is clips of ``clip_frames`` frames laid end to end. The change across a boundary
+  is |x[k N] - x[k N - 1]|; the change inside clips is over all other consecutive pairs.
+
+  Args:
+    videos: one long video [F, H, W, C] or a batch [B, F, H, W, C] with F a multiple of
+      ``clip_frames`` and at least two clips.
+    clip_frames: N, frames per clip.
+
+  Returns:
+    ``{"boundary_change", "inside_change", "ratio"}``, pooled over the batch: ratio =
+    mean boundary change / mean inside change. 1.0 means the seams are as smooth as the motion
+    inside a clip; a hard cut gives a ratio well above 1.
+  """
+  videos = np.asarray(videos)
+  if videos.ndim == 4:
+    videos = videos[None]
+  if videos.ndim != 5:
+    raise ValueError(f"videos must be [F, H, W, C] or [B, F, H, W, C], got shape {videos.shape}")
+  f = videos.shape[1]
+  if clip_frames < 2 or f % clip_frames or f // clip_frames < 2:
+    raise ValueError(f"need at least two whole clips of clip_frames >= 2 frames: got {f} frames "
+                     f"with clip_frames={clip_frames}")
+  changes = np.stack([frame_changes(v, value_range) for v in videos])  # [B, F - 1]
+  # Pair t joins frames t and t + 1; it crosses a seam when t + 1 starts a clip.
+  is_boundary = (np.arange(1, f) % clip_frames) == 0
+  boundary = float(changes[:, is_boundary].mean())
+  inside = float(changes[:, ~is_boundary].mean())
+  return {"boundary_change": boundary, "inside_change": inside,
+          "ratio": boundary / max(inside, 1e-12)}
+
+
+def boundary_ratio(videos: np.ndarray, clip_frames: int,
+                   value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+  """``boundary_stats(...)["ratio"]``: mean change across clip seams / mean change inside clips."""
+  return boundary_stats(videos, clip_frames, value_range)["ratio"]
+
+
+def caption_following(videos: Sequence[np.ndarray], targets: Sequence[Mapping[str, Any]],
+                      colors: Sequence[str] = synthetic.DEFAULT_COLORS,
+                      shapes: Sequence[str] = synthetic.DEFAULT_SHAPES,
+                      directions: Sequence[str] = synthetic.DEFAULT_DIRECTIONS,
+                      value_range: tuple[float, float] = (-1.0, 1.0)) -> dict[str, Any]:
+  """Scores videos against the attributes their captions name.
+
+  Args:
+    videos: sequence of [F, H, W, 3] videos.
+    targets: per video, a mapping with the intended ``color``, ``shape`` and ``direction``.
+    colors, shapes, directions: the vocabularies (chance = 1 / vocabulary size).
+
+  Returns:
+    ``{"accuracy": {attr: float}, "chance": {attr: float}, "all_correct": float,
+    "detections": [Detection.as_dict() per video]}``.
+  """
+  if len(videos) != len(targets):
+    raise ValueError(f"{len(videos)} videos but {len(targets)} targets")
+  if not len(videos):
+    raise ValueError("no videos to score")
+  vocab = {"color": colors, "shape": shapes, "direction": directions}
+  hits = {a: [] for a in ATTRIBUTES}
+  detections = []
+  for video, target in zip(videos, targets):
+    d = detector.detect(video, colors, shapes, directions, value_range)
+    detections.append(d.as_dict())
+    for a in ATTRIBUTES:
+      hits[a].append(getattr(d, a) == target[a])
+  hits = {a: np.asarray(h) for a, h in hits.items()}
+  return {
+      "accuracy": {a: float(h.mean()) for a, h in hits.items()},
+      "chance": {a: 1.0 / len(vocab[a]) for a in ATTRIBUTES},
+      "all_correct": float(np.logical_and.reduce([hits[a] for a in ATTRIBUTES]).mean()),
+      "detections": detections,
+  }
+
+
+def goal(chance: float, fraction: float = 0.6) -> float:
+  """The caption-following goal for one attribute: chance + fraction x (1 - chance)."""
+  return chance + fraction * (1.0 - chance)
+
+
+def detector_accuracy_on_real(source: synthetic.SyntheticVideoSource,
+                              num: int = 64) -> dict[str, Any]:
+  """The detector's own accuracy on ``num`` real clips of ``source`` (should be ~1.0)."""
+  num = min(num, len(source))
+  records = [source[i] for i in range(num)]
+  result = caption_following([r["video"] for r in records], [r["attributes"] for r in records],
+                             source.colors, source.shapes, source.directions)
+  result.pop("detections")
+  result["num"] = num
+  return result
