@@ -120,7 +120,3 @@ def test_bad_config_and_arguments():
   # Round trip through the config dict; hashable so it can be a static jit argument.
   assert DDIMScheduler.from_config(sched.to_config()) == sched
   hash(sched)
-
-
-def test_zz_report_error():
-  print(f"max DDIM step error vs diffusers: {_MAX_ERR[0]:.2e} x std")
