@@ -314,7 +314,7 @@ class TemporalConvLayer(nn.Module):
 
 
 class Attention(nn.Module):
-  """diffusers ``Attention`` (old ``CrossAttention``): q/k/v without bias, ``to_out`` with bias.
+  """diffusers ``Attention`` (old ``CrossAttention``): q/k/v without bias, ``to_out.0`` with bias.
 
   Self-attention when ``context`` is None. Heads are split as diffusers does
   (``[.., heads * head_dim]`` -> ``[.., heads, head_dim]``), scale ``head_dim ** -0.5``.
@@ -325,7 +325,7 @@ class Attention(nn.Module):
     out_features: output width (default: query width).
     upcast: scores and softmax in float32 (diffusers ``upcast_attention``).
     implementation: see :func:`vidrd_jax.models.attention.dot_product_attention`.
-    zero_init_out: start ``to_out`` at zero (VidRD's temporal attention).
+    zero_init_out: start ``to_out_0`` at zero (VidRD's temporal attention).
   """
   heads: int
   head_dim: int
@@ -339,15 +339,34 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+      self,
+      x: jax.Array,
+      context: Optional[jax.Array] = None,
+      mask: Optional[jax.Array] = None,
+      *,
+      sparse_causal_frames: Optional[int] = None,
   ) -> jax.Array:
-    """x: [N, Lq, C]; context: [N, Lk, D] or None -> [N, Lq, out_features or C]."""
+    """Attention of x over itself or a context.
+
+    Args:
+      x: [N, Lq, C] queries' source.
+      context: [N, Lk, D], or None for self-attention.
+      mask: optional boolean mask broadcastable to [N, heads, Lq, Lk].
+      sparse_causal_frames: VidRD's sparse-causal attention (``prepend_first_frame``): N is
+        (B * F) with this F, and each frame's keys/values are those of frame 0 followed by
+        those of the previous frame (frame 0 uses itself). None or 1: ordinary attention.
+
+    Returns:
+      [N, Lq, out_features or C].
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
     context = x if context is None else context
     q = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_q", **kw)(x)
     k = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_k", **kw)(context)
     v = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_v", **kw)(context)
+    if sparse_causal_frames is not None and sparse_causal_frames > 1:
+      k, v = (_first_and_previous_frame(t, sparse_causal_frames) for t in (k, v))
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
     # In float32 compute the XLA path always takes float32 scores, so `upcast` only matters
     # for half-precision compute, where it mirrors diffusers' upcast_attention.
@@ -358,7 +377,17 @@ class Attention(nn.Module):
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(
         self.out_features or x.shape[-1], axes.HEADS, axes.EMBED, zero_init=self.zero_init_out,
-        name="to_out", **kw)(out)
+        name="to_out_0", **kw)(out)
+
+
+def _first_and_previous_frame(t: jax.Array, num_frames: int) -> jax.Array:
+  """[(B F), L, C] -> [(B F), 2L, C]: frame 0's tokens then the previous frame's tokens."""
+  t = t.reshape((-1, num_frames) + t.shape[1:])
+  first = jnp.broadcast_to(t[:, :1], t.shape)
+  # Frame 0 has no predecessor and attends to itself twice, as the reference does.
+  previous = jnp.concatenate([t[:, :1], t[:, :-1]], axis=1)
+  out = jnp.concatenate([first, previous], axis=2)
+  return out.reshape((-1,) + out.shape[2:])
 
 
 def sinusoidal_frame_embedding(num_frames: int, dim: int) -> np.ndarray:
