@@ -118,3 +118,48 @@ def detector_accuracy_on_real(source: synthetic.SyntheticVideoSource,
   result.pop("detections")
   result["num"] = num
   return result
+
+
+# Goals of the CPU demo (issue 6), checked by bench/bench_demo.py and printed by the demo.
+MAX_BOUNDARY_RATIO = 1.5
+MAX_SECONDS = 15 * 60
+MAX_PEAK_BYTES = 8 * 2**30
+
+
+def demo_goals(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """Checks a demo ``metrics.json`` against the goals.
+
+  Returns:
+    One ``{"goal", "value", "target", "passed"}`` per goal: caption following per attribute
+    (accuracy >= chance + 0.6 (1 - chance), VidRD videos on held-out captions), the VidRD boundary
+    ratio (<= 1.5, and below the independent clips' ratio), wall time and peak memory.
+  """
+  goals = []
+  following = result["caption_following"]["vidrd"]
+  for a in ATTRIBUTES:
+    target = goal(following["chance"][a])
+    value = following["accuracy"][a]
+    goals.append({"goal": f"caption following: {a}", "value": value,
+                  "target": f">= {target:.3f}", "passed": value >= target})
+  ratio = result["boundary"]["vidrd"]["ratio"]
+  independent = result["boundary"]["independent"]["ratio"]
+  goals.append({"goal": "boundary ratio (VidRD)", "value": ratio,
+                "target": f"<= {MAX_BOUNDARY_RATIO}", "passed": ratio <= MAX_BOUNDARY_RATIO})
+  # "Clearly lower": at most 80% of the independent clips' ratio.
+  goals.append({"goal": "boundary ratio VidRD vs independent", "value": ratio / independent,
+                "target": "<= 0.8", "passed": ratio <= 0.8 * independent})
+  seconds = result["timing"]["total_s"]
+  goals.append({"goal": "end-to-end time (s)", "value": seconds, "target": f"<= {MAX_SECONDS}",
+                "passed": seconds <= MAX_SECONDS})
+  peak = result["memory"]["peak_rss_bytes"]
+  goals.append({"goal": "peak memory (GiB)", "value": peak / 2**30,
+                "target": f"< {MAX_PEAK_BYTES / 2**30:.0f}", "passed": peak < MAX_PEAK_BYTES})
+  return goals
+
+
+def format_goals(goals: Sequence[Mapping[str, Any]]) -> str:
+  lines = []
+  for g in goals:
+    mark = "pass" if g["passed"] else "MISS"
+    lines.append(f"  [{mark}] {g['goal']}: {g['value']:.3f} (goal {g['target']})")
+  return "\n".join(lines)
