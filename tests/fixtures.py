@@ -267,3 +267,102 @@ def make_tiny_ldm_file(path: str, seed: int = 0) -> str:
   else:
     raise ValueError(f"make_tiny_ldm_file writes .safetensors or .ckpt, not {path}")
   return path
+
+
+# ------------------------------------------------------------------------------- VidRD release
+
+
+@dataclasses.dataclass
+class TorchVidRD:
+  unet: Any          # tests.torch_reference.unet3d.ReferenceUNet3D
+  vae: Any           # diffusers AutoencoderKL with the reference's temporal convs
+  text_encoder: Any  # transformers CLIPTextModel (fine-tuned in the release)
+
+
+def tiny_vidrd_torch_models(seed: int = 0) -> TorchVidRD:
+  """The tiny PyTorch references behind make_tiny_vidrd_release(seed), every weight random."""
+  from tests.torch_reference.temporal_vae import make_temporal_vae  # pylint: disable=g-import-not-at-top
+  from tests.torch_reference.unet3d import build_reference_unet3d  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  unet = build_reference_unet3d(TINY_UNET_CONFIG, seed=seed + 101, add_temp_conv=True,
+                                add_temp_embed=True)
+  torch.manual_seed(seed + 202)
+  vae = make_temporal_vae(**TINY_VAE_CONFIG)
+  randomize_(vae, seed + 202)
+  # The release fine-tunes the text encoder too: different weights from the SD folder's.
+  text = tiny_torch_models(seed + 303).text_encoder
+  return TorchVidRD(unet.eval(), vae.eval(), text)
+
+
+def make_tiny_vidrd_release(path: str, seed: int = 0) -> dict[str, str]:
+  """Writes a tiny VidRD release as the authors ship it, next to a tiny SD2.1-base folder.
+
+  Layout: ``path/sd`` (make_tiny_sd_folder), ``path/ModelT2V.pth`` (a Lightning checkpoint:
+  ``state_dict`` with ``unet.*`` incl. temporal keys, ``text_encoder.*`` in transformers-4
+  names, plus ``clip.*`` and ``vae.*`` entries the reference ignores, and Lightning's
+  bookkeeping), ``path/vae_finetuned`` (TemporalAutoencoderKL config, 2023 attention names,
+  ``.bin`` weights).
+
+  Returns:
+    {"sd": ..., "unet_ckpt": ..., "vae": ...} paths, as convert_vidrd takes them.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  models = tiny_vidrd_torch_models(seed)
+  os.makedirs(path, exist_ok=True)
+  sd_dir = make_tiny_sd_folder(os.path.join(path, "sd"), seed)
+  state = {"unet." + k: v for k, v in numpy_state_dict(models.unet).items()}
+  text = old_text_names(numpy_state_dict(models.text_encoder))
+  state.update({"text_encoder." + k: v for k, v in text.items()})
+  rng = np.random.default_rng(seed)
+  state["clip.logit_scale"] = np.array(2.6592, np.float32)
+  state["clip.text_projection.weight"] = rng.standard_normal((8, 32)).astype(np.float32)
+  state["vae.decoder.conv_out.bias"] = rng.standard_normal(3).astype(np.float32)
+  ckpt = {
+      "epoch": 3,
+      "global_step": 12000,
+      "pytorch-lightning_version": "1.9.4",
+      "state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+      "hyper_parameters": {"resolution": 256, "add_temp_embed": True, "add_temp_conv": True,
+                           "ckpt_path": None, "lr": 3e-5},
+      "callbacks": {"ModelCheckpoint": {"best_model_score": None, "dirpath": "/ckpt"}},
+      "optimizer_states": [],
+      "lr_schedulers": [],
+  }
+  unet_ckpt = os.path.join(path, "ModelT2V.pth")
+  torch.save(ckpt, unet_ckpt)
+  vae_dir = os.path.join(path, "vae_finetuned")
+  os.makedirs(vae_dir, exist_ok=True)
+  _write_json(os.path.join(vae_dir, "config.json"), {
+      "_class_name": "TemporalAutoencoderKL", "_diffusers_version": "0.11.1",
+      "act_fn": "silu", "add_temp_conv": True, **{k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in TINY_VAE_CONFIG.items()}})
+  _save_pickle(os.path.join(vae_dir, "diffusion_pytorch_model.bin"),
+               old_vae_names(numpy_state_dict(models.vae)))
+  return {"sd": sd_dir, "unet_ckpt": unet_ckpt, "vae": vae_dir}
+
+
+# ------------------------------------------------------------------------- converted pipelines
+
+_CONVERTED: dict[tuple, str] = {}
+
+
+def converted_tiny_pipeline(tmp_path_factory, seed: int = 0) -> str:
+  """A convert_sd output of make_tiny_sd_folder(seed), built once per test session.
+
+  Wrap it in a session-scoped fixture of your own::
+
+    @pytest.fixture(scope="session")
+    def tiny_pipeline_dir(tmp_path_factory):
+      return fixtures.converted_tiny_pipeline(tmp_path_factory)
+
+  Returns:
+    The directory; ``vidrd_jax.load_pipeline`` reads it. The PyTorch models it came from are
+    ``tiny_torch_models(seed)``. Treat it as read-only (it is shared).
+  """
+  key = (id(tmp_path_factory), seed)
+  if key not in _CONVERTED or not os.path.isdir(_CONVERTED[key]):
+    from weight_conversion.convert_sd import convert_sd  # pylint: disable=g-import-not-at-top
+    base = tmp_path_factory.mktemp(f"tiny_sd_{seed}")
+    src = make_tiny_sd_folder(str(base / "sd"), seed)
+    _CONVERTED[key] = convert_sd(src, str(base / "converted"), log=lambda _: None)
+  return _CONVERTED[key]

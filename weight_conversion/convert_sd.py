@@ -70,9 +70,12 @@ def default_prediction_type(unet_sample_size: int) -> str:
 
 def unet_params_from_sd2(sd: dict, unet_cfg, log: Log, *, seed: int = 0):
   """SD2.x UNet2D weights -> UNet3D params; temporal layers start as the reference inits them."""
-  from weight_conversion.unet import unet_from_torch  # pylint: disable=g-import-not-at-top
-  params = unet_from_torch(sd, unet_cfg, allow_missing_temporal=True, seed=seed)
-  return params
+  from weight_conversion.unet import is_temporal, unet_from_torch  # pylint: disable=g-import-not-at-top
+  # A UNet exported from vidrd-jax carries its temporal layers: then every one must be there.
+  has_temporal = any(is_temporal(k) for k in sd)
+  if not has_temporal:
+    log("  plain SD2.x UNet: temporal layers start as identity (zero output projections)")
+  return unet_from_torch(sd, unet_cfg, allow_missing_temporal=not has_temporal, seed=seed)
 
 
 def summarise(log: Log, params: dict, dropped: list[str], started: float, dst: str,
