@@ -1,0 +1,477 @@
+r"""VidRD training: UNet3D on video latents, sharded, checkpointed, resumable.
+
+Usage::
+
+  python -m vidrd_jax.train --config=configs/tiny_cpu.py --workdir=/tmp/vidrd_tiny
+  python -m vidrd_jax.train --config=configs/tpu_v4.py --workdir=gs://bucket/run1 \
+      --config.init_from=gs://bucket/sd21_vidrd_converted --config.num_steps=100000
+
+Every field of the config is overridable with ``--config.<field>=value``; unknown fields are
+errors. Re-running with the same ``--workdir`` resumes from its newest good checkpoint
+(parameters, EMA, optimizer, data-iterator position and RNG), so the resumed run continues
+exactly where the interrupted one stopped.
+
+Outline (big_vision style): mesh from config -> abstract init with ``jax.eval_shape`` ->
+shardings from the logical-axis rules -> ``jax.jit(init, out_shardings=...)`` (or load the
+start checkpoint straight into those shardings) -> restore -> loop of a jitted step with
+in/out shardings and donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vidrd_jax import checkpointing
+from vidrd_jax import metrics as metrics_lib
+from vidrd_jax import train_config
+from vidrd_jax import train_lib
+from vidrd_jax.parallel import sharding as sharding_lib
+
+PyTree = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+def _dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models.
+
+@dataclasses.dataclass
+class Components:
+  """Everything built from the config before sharding."""
+  models: train_lib.Models
+  tokenizer: Any
+  unet_config: Any
+  vae_config: Any
+  text_config: Any
+  scheduler_config: dict
+  # Host-side parameters loaded from init_from (None: random init).
+  unet_params: Optional[PyTree]
+  vae_params: Optional[PyTree]
+  text_params: Optional[PyTree]
+
+
+def _unet_config(config):
+  from vidrd_jax.models import unet3d  # pylint: disable=g-import-not-at-top
+  m = config.model
+  overrides = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+                   attention_impl=m.attention_impl or None, remat=m.remat,
+                   add_temp_conv=m.add_temp_conv, add_temp_embed=m.add_temp_embed,
+                   add_temp_attn=m.add_temp_attn)
+  return unet3d.UNet3DConfig, overrides
+
+
+def build_components(config: ml_collections.ConfigDict, workdir: str) -> Components:
+  """Models, tokenizer and (when ``init_from`` is set) their converted weights."""
+  from vidrd_jax.diffusion.schedule import DDIMScheduler  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models import text_encoder as text_lib  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models import unet3d  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  cfg_cls, unet_overrides = _unet_config(config)
+  m = config.model
+  if config.init_from:
+    from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+    pipe = pipeline_lib.load_pipeline(config.init_from)
+    unet_cfg = dataclasses.replace(pipe.unet_config, **unet_overrides)
+    vae_cfg, text_cfg = pipe.vae_config, pipe.text_config
+    tokenizer = pipe.tokenizer
+    scheduler_config = pipe.scheduler.to_config()
+    unet_params = pipe.params["unet"]
+    vae_params, text_params = pipe.params["vae"], pipe.params["text_encoder"]
+  else:
+    preset = getattr(cfg_cls, m.unet, None)
+    if preset is None:
+      raise ValueError(f"model.unet preset {m.unet!r} does not exist on UNet3DConfig")
+    unet_cfg = preset(**unet_overrides)
+    vae_preset = getattr(vae_lib.AutoencoderKLConfig, m.vae, None)
+    text_preset = getattr(text_lib.CLIPTextConfig, m.text_encoder, None)
+    if vae_preset is None or text_preset is None:
+      raise ValueError(f"unknown model.vae {m.vae!r} or model.text_encoder {m.text_encoder!r} preset")
+    vae_cfg = vae_preset(temporal=True)
+    text_cfg = text_preset()
+    tokenizer = Tokenizer.from_open_clip_vocab(os.path.join(_local_cache(workdir), "tokenizer"))
+    # SD2.1-base's training schedule.
+    scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                            beta_schedule="scaled_linear", prediction_type=m.prediction_type,
+                            set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    unet_params = vae_params = text_params = None
+  scheduler_config = dict(scheduler_config, prediction_type=m.prediction_type)
+  models = train_lib.Models(
+      unet=unet3d.UNet3DConditionModel(unet_cfg),
+      text_encoder=text_lib.CLIPTextModel(text_cfg),
+      vae=vae_lib.AutoencoderKL(vae_cfg),
+      scheduler=DDIMScheduler.from_config(scheduler_config))
+  return Components(models, tokenizer, unet_cfg, vae_cfg, text_cfg, scheduler_config,
+                    unet_params, vae_params, text_params)
+
+
+def _local_cache(workdir: str) -> str:
+  """A local directory for small files (tokenizer cache) even when workdir is on GCS."""
+  if "://" in workdir:
+    return os.path.join("/tmp", "vidrd_cache")
+  return os.path.join(workdir, "cache")
+
+
+def check_shapes(what: str, loaded: PyTree, abstract: PyTree) -> None:
+  """Raises ValueError listing every missing / unexpected / mis-shaped parameter."""
+  def flat(t):
+    return {train_lib.path_str(p): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(loaded), flat(abstract)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  shapes = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+  if missing or unexpected or shapes:
+    lines = [f"{what} checkpoint does not match the model:"]
+    if missing:
+      lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]))
+    if unexpected:
+      lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+    if shapes:
+      lines.append(f"  wrong shape ({len(shapes)}): " + ", ".join(
+          f"{k} {got[k]} vs model {want[k]}" for k in shapes[:20]))
+    raise ValueError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+def make_data_iterator(config: ml_collections.ConfigDict, tokenize_fn: Callable) -> Iterator:
+  from vidrd_jax.data import make_train_iterator  # pylint: disable=g-import-not-at-top
+  return make_train_iterator(
+      config.data, global_batch_size=config.global_batch_size, frames=config.data.frames,
+      resolution=config.data.resolution, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), tokenize_fn=tokenize_fn,
+      worker_count=config.data.worker_count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup shared by train_and_evaluate and the benchmarks.
+
+@dataclasses.dataclass
+class Setup:
+  mesh: Any
+  components: Components
+  mask: PyTree
+  tx: Any
+  schedule: Any
+  step_config: train_lib.StepConfig
+  abstract_state: train_lib.TrainState   # ShapeDtypeStructs with shardings
+  state_shardings: train_lib.TrainState
+  frozen_shardings: PyTree
+  batch_shapes: dict                     # global batch ShapeDtypeStructs with shardings
+  init_state: Callable[[], train_lib.TrainState]
+  init_frozen: Callable[[], PyTree]
+  train_step: Callable                   # jitted
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setup:
+  """Builds the mesh, models, shardings and the jitted step; validates before compiling."""
+  train_config.check_config(config, train_config.base_config())
+  mesh = mesh or sharding_lib.make_mesh(config.mesh.to_dict())
+  micro = config.global_batch_size // config.grad_accum_steps
+  sharding_lib.check_batch_size(config.global_batch_size, mesh)
+  sharding_lib.check_batch_size(micro, mesh, what="micro-batch size (global / grad_accum_steps)")
+  rules = sharding_lib.rules_from_config(train_config.parse_rules(config.sharding_rules))
+
+  comp = build_components(config, workdir)
+  models = comp.models
+  f, r = config.data.frames, config.data.resolution
+  rng = jax.random.PRNGKey(config.seed)
+  k_unet, k_vae, k_text, k_state = jax.random.split(rng, 4)
+
+  # Shapes of one example, found without computing anything.
+  video = jax.ShapeDtypeStruct((1, f, r, r, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, comp.tokenizer.max_length), jnp.int32)
+  vae_init = lambda k: models.vae.init(k, jnp.zeros(video.shape, video.dtype))
+  boxed_vae = jax.eval_shape(vae_init, k_vae)["params"]
+  mean_shape = jax.eval_shape(
+      lambda p, v: models.vae.apply({"params": p}, v, method="encode")[0],
+      sharding_lib.unbox(boxed_vae), video)
+  latent = jax.ShapeDtypeStruct(mean_shape.shape, jnp.float32)
+  boxed_text = jax.eval_shape(lambda k: models.text_encoder.init(k, jnp.zeros(ids.shape, ids.dtype)),
+                              k_text)["params"]
+  ctx = jax.eval_shape(lambda p, i: models.text_encoder.apply({"params": p}, i),
+                       sharding_lib.unbox(boxed_text), ids)
+
+  def unet_init(k):
+    return models.unet.init(k, jnp.zeros(latent.shape, jnp.float32), jnp.zeros((1,), jnp.int32),
+                            jnp.zeros(ctx.shape, jnp.float32))["params"]
+  boxed_unet = jax.eval_shape(unet_init, k_unet)
+  params_sh = sharding_lib.param_shardings(boxed_unet, mesh, rules)
+  abstract_params = sharding_lib.unbox(boxed_unet)
+  if comp.unet_params is not None:
+    check_shapes("UNet (init_from)", comp.unet_params, abstract_params)
+    check_shapes("VAE (init_from)", comp.vae_params, sharding_lib.unbox(boxed_vae))
+    check_shapes("text encoder (init_from)", comp.text_params, sharding_lib.unbox(boxed_text))
+
+  mask = train_lib.trainable_mask(abstract_params, train_lib.parse_patterns(config.trainable),
+                                  train_lib.parse_patterns(config.frozen) if config.frozen else ())
+  train_lib.check_mask(mask, train_lib.parse_patterns(config.trainable))
+  opt = config.optimizer.copy_and_resolve_references()
+  with opt.unlocked():
+    if opt.decay_steps < 0:
+      opt.decay_steps = config.num_steps
+  tx, schedule = train_lib.make_optimizer(opt, mask)
+
+  make_state = lambda params, k: train_lib.init_train_state(params, tx, mask, k)
+  abstract_state = jax.eval_shape(make_state, abstract_params, k_state)
+  state_sh = train_lib.state_shardings(abstract_state, params_sh, mesh)
+  abstract_state = train_lib.abstract_with_shardings(abstract_state, state_sh)
+
+  frozen_sh = {
+      "vae": sharding_lib.param_shardings(boxed_vae, mesh, rules),
+      "text_encoder": sharding_lib.param_shardings(boxed_text, mesh, rules),
+      "uncond_ids": sharding_lib.replicated(mesh),
+  }
+  uncond_ids = np.asarray(comp.tokenizer([""]), np.int32)
+
+  def init_state():
+    if comp.unet_params is None:
+      init = jax.jit(lambda k, ks: make_state(sharding_lib.unbox(unet_init(k)), ks),
+                     out_shardings=state_sh)
+      return init(k_unet, k_state)
+    params = jax.device_put(comp.unet_params, params_sh)
+    return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,))(params, k_state)
+
+  def init_frozen():
+    if comp.vae_params is None:
+      vae_params = jax.jit(lambda k: sharding_lib.unbox(vae_init(k)["params"]),
+                           out_shardings=frozen_sh["vae"])(k_vae)
+      text_params = jax.jit(
+          lambda k: sharding_lib.unbox(models.text_encoder.init(k, jnp.zeros(ids.shape, ids.dtype))["params"]),
+          out_shardings=frozen_sh["text_encoder"])(k_text)
+    else:
+      vae_params = jax.device_put(comp.vae_params, frozen_sh["vae"])
+      text_params = jax.device_put(comp.text_params, frozen_sh["text_encoder"])
+    return {"vae": vae_params, "text_encoder": text_params,
+            "uncond_ids": jax.device_put(uncond_ids, frozen_sh["uncond_ids"])}
+
+  b = config.global_batch_size
+  if _produces_latents(config):
+    batch_shapes = {"latents": jax.ShapeDtypeStruct((b,) + latent.shape[1:], jnp.float32)}
+  else:
+    batch_shapes = {"video": jax.ShapeDtypeStruct((b,) + video.shape[1:], jnp.float32)}
+  batch_shapes["input_ids"] = jax.ShapeDtypeStruct((b, ids.shape[1]), jnp.int32)
+  batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                          sharding=sharding_lib.batch_sharding(mesh, len(v.shape)))
+                  for k, v in batch_shapes.items()}
+
+  step_config = train_lib.StepConfig(
+      prediction_type=config.model.prediction_type, caption_dropout=config.caption_dropout,
+      grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+      ema_warmup=config.ema_warmup, latent_scale=float(comp.vae_config.scaling_factor),
+      sample_posterior=config.sample_posterior, compute_dtype=_dtype(config.model.dtype))
+  step_fn = functools.partial(train_lib.train_step, models=models, tx=tx, mask=mask,
+                              schedule=schedule, cfg=step_config)
+  jitted = train_lib.jit_train_step(
+      step_fn, state_sh, {k: v.sharding for k, v in batch_shapes.items()}, frozen_sh, mesh)
+  return Setup(mesh, comp, mask, tx, schedule, step_config, abstract_state, state_sh, frozen_sh,
+               batch_shapes, init_state, init_frozen, jitted)
+
+
+def _produces_latents(config) -> bool:
+  return bool(config.data.latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and samples.
+
+def export_pipeline(setup_: Setup, state: train_lib.TrainState, frozen: PyTree, out_dir: str) -> None:
+  """Writes the EMA UNet + frozen VAE / text encoder in the converted pipeline format."""
+  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  comp = setup_.components
+  ema_full = train_lib.merge(state.params, state.ema_params) if setup_.step_config.ema_decay > 0 \
+      else state.params
+  gather = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
+  pipeline_lib.save_pipeline(
+      out_dir, unet_config=comp.unet_config, vae_config=comp.vae_config,
+      text_config=comp.text_config, scheduler_config=comp.scheduler_config,
+      tokenizer=comp.tokenizer,
+      params={"unet": gather(ema_full), "vae": gather(frozen["vae"]),
+              "text_encoder": gather(frozen["text_encoder"])})
+
+
+def write_samples(config, setup_: Setup, state, frozen, workdir: str, step: int,
+                  writer: metrics_lib.MetricWriter) -> None:
+  """Long videos from the fixed prompts with the EMA weights -> workdir/samples + TensorBoard."""
+  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.diffusion import long_video  # pylint: disable=g-import-not-at-top
+  comp = setup_.components
+  ema_full = train_lib.merge(state.params, state.ema_params)
+  pipe = pipeline_lib.Pipeline(
+      unet_config=comp.unet_config, vae_config=comp.vae_config, text_config=comp.text_config,
+      scheduler_config=comp.scheduler_config, tokenizer=comp.tokenizer,
+      params={"unet": ema_full, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
+  videos = long_video.generate(
+      pipe, list(config.sample_prompts), num_clips=config.sample_clips,
+      num_frames=config.data.frames, num_inference_steps=config.sample_steps,
+      guidance_scale=config.sample_guidance, seed=config.seed)
+  videos = np.asarray(jax.device_get(videos))
+  if jax.process_index() == 0:
+    from vidrd_jax.data.video import write_video  # pylint: disable=g-import-not-at-top
+    out = os.path.join(workdir, "samples", f"step_{step:08d}")
+    os.makedirs(out, exist_ok=True)
+    frames = ((np.clip(videos, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    for i, v in enumerate(frames):
+      write_video(os.path.join(out, f"{i:02d}.mp4"), v, fps=8)
+    writer.write_video(step, "samples", frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) in ``workdir``; returns the final metrics.
+
+  Returns:
+    ``{"step", "loss", "grad_norm", "lr", "nan_total", "preempted", "params"?...}``; the last
+    logged values. ``preempted`` is True when the run stopped on SIGTERM.
+  """
+  if config.distributed and jax.process_count() == 1:
+    jax.distributed.initialize()
+  st = setup(config, workdir)
+  mesh = st.mesh
+  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  n_total = train_lib.count_params(st.abstract_state.params)
+  n_train = train_lib.count_params(st.abstract_state.ema_params)
+  logging.info("UNet parameters: %d total, %d trainable (%.1f%%)", n_total, n_train,
+               100.0 * n_train / max(n_total, 1))
+
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
+      keep_last=config.keep_checkpoints, keep_best=config.keep_best,
+      async_save=config.async_checkpointing)
+  restored = ckpt.restore_latest(st.abstract_state)
+  if restored is not None:
+    start_step, state, data_state, _ = restored
+    logging.info("resumed from checkpoint step %d", start_step)
+  else:
+    start_step, state, data_state = 0, st.init_state(), None
+  frozen = st.init_frozen()
+
+  data_it = make_data_iterator(config, st.components.tokenizer)
+  if data_state is not None:
+    data_it.set_state(data_state)
+
+  # Compile once up front: errors surface before the first batch, and XLA's cost analysis
+  # gives the step's FLOPs for MFU.
+  compiled = st.train_step.lower(st.abstract_state, st.batch_shapes, frozen).compile()
+  flops = metrics_lib.compiled_flops(compiled)
+  peak = metrics_lib.peak_flops_per_device()
+
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  watcher = checkpointing.PreemptionWatcher().install()
+  bar = None
+  if config.progress_bar and jax.process_index() == 0:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=config.num_steps, initial=start_step, desc="train", unit="step",
+                    dynamic_ncols=True)
+  batch_keys = set(st.batch_shapes)
+  last: dict[str, Any] = {"step": start_step}
+  preempted = False
+  t_last, steps_since = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < config.num_steps:
+      batch = next(data_it)
+      missing = batch_keys - set(batch)
+      if missing:
+        raise ValueError(f"data batches lack {sorted(missing)} (they have {sorted(batch)}); "
+                         f"set config.data.latents to match the sources")
+      batch = sharding_lib.shard_batch({k: v for k, v in batch.items() if k in batch_keys}, mesh)
+      state, step_metrics = compiled(state, batch, frozen)
+      step += 1
+      steps_since += 1
+      if bar is not None:
+        bar.update(1)
+
+      if step % config.log_every == 0 or step == config.num_steps:
+        m = jax.device_get(step_metrics)
+        dt = (time.perf_counter() - t_last) / steps_since
+        t_last, steps_since = time.perf_counter(), 0
+        record = {k: float(v) for k, v in m.items()}
+        record.update(step_time=dt, examples_per_s=config.global_batch_size / dt)
+        u = metrics_lib.mfu(flops, dt, peak)
+        if u is not None:
+          record["mfu"] = u
+        last = writer.write_scalars(step, record, console=bar is None)
+        if bar is not None:
+          bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if record["nan_streak"] >= config.max_nan_steps:
+          raise TrainingError(f"{int(record['nan_streak'])} non-finite steps in a row at step "
+                              f"{step} (limit max_nan_steps={config.max_nan_steps})")
+
+      if config.preempt_at_step >= 0 and step == config.preempt_at_step:
+        # Simulated preemption: the same signal a TPU VM / Kubernetes sends.
+        os.kill(os.getpid(), signal.SIGTERM)
+      preempted = watcher.preempted or ckpt.reached_preemption(step)
+      if preempted or ckpt.should_save(step):
+        loss = float(jax.device_get(step_metrics["loss"]))
+        ckpt.save(step, state, data_state=data_it.get_state(), metrics={"loss": loss},
+                  force=preempted)
+      if preempted:
+        logging.warning("preempted at step %d: checkpoint written, stopping", step)
+        break
+
+      if config.sample_every > 0 and step % config.sample_every == 0:
+        write_samples(config, st, state, frozen, workdir, step, writer)
+
+    if not preempted and step not in ckpt.all_steps():
+      loss = float(jax.device_get(step_metrics["loss"])) if step > start_step else float("nan")
+      ckpt.save(step, state, data_state=data_it.get_state(),
+                metrics={"loss": loss} if np.isfinite(loss) else None, force=True)
+    ckpt.wait()
+    if not preempted and config.export:
+      export_pipeline(st, state, frozen, os.path.join(workdir, "export"))
+  finally:
+    watcher.uninstall()
+    if bar is not None:
+      bar.close()
+    writer.close()
+    ckpt.close()
+  last = dict(last)
+  last.update(step=step, preempted=preempted)
+  last["state"] = state
+  return last
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
