@@ -230,3 +230,150 @@ def test_manifest_errors(data_dir, tmp_path):
                         resolution=RES, seed=0)
   with pytest.raises(ValueError, match="weights must be positive"):
     pipeline.Mixture([3, 3], [1.0, 0.0])
+
+
+# ------------------------------------------------------------- other kinds --
+
+def test_readable_label():
+  assert sources.readable_label("ApplyEyeMakeup") == "apply eye makeup"
+  assert sources.readable_label("playing_guitar") == "playing guitar"
+  assert sources.readable_label("YoYo") == "yo yo"
+  assert sources.readable_label("riding a bike") == "riding a bike"
+  assert sources.readable_label("BMXTricks") == "BMX tricks"
+  assert sources.readable_label("push-up__fast") == "push up fast"
+
+
+def test_class_folders_and_templates(data_dir, tmp_path):
+  for cls, n in (("ApplyEyeMakeup", 1), ("playing_guitar", 2), ("TaiChi", 3)):
+    (tmp_path / cls).mkdir()
+    os.symlink(data_dir / f"v{n}.mp4", tmp_path / cls / f"{cls}_{n}.mp4")
+  (tmp_path / "TaiChi" / "notes.txt").write_text("not a video")
+  src = sources.ClassFolderSource(str(tmp_path), 4, RES, templates=["a person {label}", "{label}!"],
+                                  label_map={"TaiChi": "practising tai chi"})
+  assert len(src) == 3
+  rng = np.random.default_rng(0)
+  captions = {src.load(i, rng)["caption"] for i in range(3) for _ in range(8)}
+  labels = ["apply eye makeup", "playing guitar", "practising tai chi"]
+  assert captions == {t.format(label=l) for l in labels for t in ("a person {label}", "{label}!")}
+  (tmp_path / "trainlist.txt").write_text("TaiChi/TaiChi_3.mp4 3\nplaying_guitar/playing_guitar_2.mp4 2\n")
+  split = sources.ClassFolderSource(str(tmp_path), 4, RES, split_file="trainlist.txt")
+  assert len(split) == 2 and [split.class_names[t] for t in split.targets] == ["TaiChi", "playing_guitar"]
+  with pytest.raises(ValueError, match="placeholder"):
+    sources.ClassFolderSource(str(tmp_path), 4, RES, templates=["a person"])
+  with pytest.raises(FileNotFoundError, match="not a folder"):
+    sources.ClassFolderSource(str(tmp_path / "nope"), 4, RES)
+
+
+def test_segments_window(data_dir, tmp_path):
+  with open(tmp_path / "seg.jsonl", "w") as f:
+    f.write(json.dumps({"video": "v3.mp4", "start": 0.4, "end": 1.0, "caption": "first"}) + "\n")
+    f.write(json.dumps({"video": "v3.mp4", "start": 1.6, "end": 2.4, "caption": "second"}) + "\n")
+  src = sources.segments_source(str(tmp_path / "seg.jsonl"), 6, RES, root=str(data_dir))
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    first, second = frame_indices(src.load(0, rng)["video"]), frame_indices(src.load(1, rng)["video"])
+    assert 10 <= first[0] and first[-1] < 25, first
+    assert 40 <= second[0] and second[-1] < 60, second
+  (tmp_path / "noend.jsonl").write_text(json.dumps({"video": "v3.mp4", "start": 0, "caption": "x"}))
+  with pytest.raises(ValueError, match="'end' is required"):
+    sources.segments_source(str(tmp_path / "noend.jsonl"), 6, RES, root=str(data_dir))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_zoom_pan_geometry(seed):
+  w, h = 120, 80
+  boxes = pseudo_video.zoom_pan_boxes(w, h, 16, np.random.default_rng(seed), min_scale=0.4)
+  np.testing.assert_array_equal(
+      boxes, pseudo_video.zoom_pan_boxes(w, h, 16, np.random.default_rng(seed), min_scale=0.4))
+  assert boxes.shape == (16, 4)
+  np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])  # square
+  assert np.all(boxes[:, :2] >= -1e-9) and np.all(boxes[:, 2] <= w + 1e-9)
+  assert np.all(boxes[:, 3] <= h + 1e-9)
+  assert np.all(boxes[:, 2] - boxes[:, 0] >= 0.4 * h - 1e-9)
+  for c in range(4):  # every coordinate moves one way only
+    d = np.diff(boxes[:, c])
+    assert np.all(d >= -1e-9) or np.all(d <= 1e-9)
+  # Smooth: eased, so the first and last steps are the smallest.
+  step = np.abs(np.diff(boxes, axis=0)).sum(1)
+  assert step[0] <= step[len(step) // 2] + 1e-9 and step[-1] <= step[len(step) // 2] + 1e-9
+
+
+def test_pseudo_video_follows_boxes():
+  # Red encodes x and green encodes y, so a frame's centre pixel says where its box is.
+  w, h = 1000, 700
+  xs, ys = np.meshgrid(np.arange(w), np.arange(h))
+  img = np.stack([xs * 255 / (w - 1), ys * 255 / (h - 1), np.zeros_like(xs)], -1).astype(np.uint8)
+  video = pseudo_video.image_to_video(Image.fromarray(img), 12, 16, np.random.default_rng(5))
+  assert video.shape == (12, 16, 16, 3) and video.dtype == np.uint8
+  centre = video[:, 7:9, 7:9, :2].astype(float).mean((1, 2))
+  extent = video[:, 8, -1, 0].astype(float) - video[:, 8, 0, 0]
+  for series in (centre[:, 0], centre[:, 1], extent):
+    d = np.diff(series)
+    assert np.all(d >= -2) or np.all(d <= 2), series  # monotone up to rounding
+  assert extent.min() >= 0.5 * 700 / 1000 * 255 * 14 / 16 - 3  # boxes at least min_scale
+
+
+def test_image_source_bad_inputs(tmp_path):
+  Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "ok.png")
+  (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+  with open(tmp_path / "im.jsonl", "w") as f:
+    for image, caption in (("ok.png", "fine"), ("gone.png", "x"), ("broken.png", "y"),
+                           ("ok.png", None), ("ok.png", "   ")):
+      f.write(json.dumps({"image": image, "caption": caption}) + "\n")
+  src = sources.ImageTextSource(str(tmp_path / "im.jsonl"), 4, 16)
+  rng = np.random.default_rng(0)
+  assert src.load(0, rng)["video"].shape == (4, 16, 16, 3)
+  reasons = []
+  for i in range(1, 5):
+    with pytest.raises(SkipRecord) as e:
+      src.load(i, rng)
+    reasons.append(e.value.reason)
+  assert reasons == ["missing_file", "unreadable", "bad_caption", "bad_caption"]
+
+
+# ------------------------------------------------- workers, tokenizer, kinds --
+
+def hash_tokenize(captions):
+  """A deterministic stand-in tokenizer (module level: picklable for workers)."""
+  ids = np.zeros((len(captions), 77), np.int32)
+  for i, c in enumerate(captions):
+    words = [sum(map(ord, w)) % 49000 + 1 for w in c.split()][:77]
+    ids[i, :len(words)] = words
+  return ids
+
+
+def test_worker_processes_and_tokenizer(data_dir):
+  cfg = _cfg({"kind": "captioned", "path": str(data_dir / "good.csv")})
+  kw = dict(global_batch_size=2, frames=4, resolution=RES, seed=1, worker_count=1,
+            tokenize_fn=hash_tokenize)
+  it = make_train_iterator(cfg, **kw)
+  batch = next(it)
+  assert batch["video"].shape == (2, 4, RES, RES, 3)
+  assert batch["input_ids"].shape == (2, 77) and batch["input_ids"].dtype == np.int32
+  np.testing.assert_array_equal(batch["input_ids"], hash_tokenize(list(batch["caption"])))
+  next(it)
+  state = it.get_state()
+  want = next(it)
+  _close(it)
+  restored = make_train_iterator(cfg, **kw)
+  restored.set_state(state)
+  got = next(restored)
+  _close(restored)
+  np.testing.assert_array_equal(got["video"], want["video"])
+
+
+def test_synthetic_kind():
+  pytest.importorskip("vidrd_jax.data.synthetic", reason="helper G's synthetic source not landed")
+  it = make_train_iterator(_cfg({"kind": "synthetic", "num_records": 16, "weight": 1.0}),
+                           global_batch_size=4, frames=4, resolution=16, seed=0)
+  batch = next(it)
+  _close(it)
+  assert batch["video"].shape == (4, 4, 16, 16, 3)
+  assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+  assert all(isinstance(c, str) and c for c in batch["caption"].tolist())
+
+
+def test_tfds_kind_clear_error_when_not_prepared(tmp_path):
+  pytest.importorskip("tensorflow_datasets", reason="tensorflow_datasets is not installed")
+  with pytest.raises(ValueError, match="array_record"):
+    sources.TfdsVideoSource("ucf101", 8, RES, data_dir=str(tmp_path))

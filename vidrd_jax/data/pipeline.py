@@ -190,6 +190,8 @@ def make_data_loader(
     worker_count: int = 0,
     worker_buffer_size: int = 2,
     drop_remainder: bool = True,
+    read_threads: int = 1,
+    read_prefetch: int = 64,
 ) -> grain.DataLoader:
   """A grain DataLoader over built sources (see make_train_iterator)."""
   mixture = Mixture([len(s) for s in sources], weights)
@@ -209,6 +211,7 @@ def make_data_loader(
   return grain.DataLoader(
       data_source=mixture, sampler=sampler, operations=operations,
       worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+      read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_prefetch),
       shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                        drop_remainder=True))
 

@@ -199,3 +199,65 @@ def write_video(path: str, frames: np.ndarray, fps: float = 25.0, codec: str = "
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+
+
+def probe(path: str) -> tuple[float, float]:
+  """(duration in seconds, native fps) of a video; raises SkipRecord if unreadable."""
+  try:
+    container = _open(path)
+  except SkipRecord:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  with container:
+    if not container.streams.video:
+      raise SkipRecord("unreadable", path, "no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if stream.duration:
+      duration = stream.duration * float(stream.time_base)
+    elif container.duration:
+      duration = container.duration / av.time_base
+    elif stream.frames and fps:
+      duration = stream.frames / fps
+    else:
+      raise SkipRecord("unreadable", path, "unknown duration")
+    if fps <= 0 or duration <= 0:
+      raise SkipRecord("unreadable", path, f"duration {duration}, fps {fps}")
+    return duration, fps
+
+
+def frames_at(path: str, times: list[float]) -> list[np.ndarray]:
+  """Full-size uint8 [H, W, 3] frames nearest to each of the sorted `times` (seconds)."""
+  try:
+    container = _open(path)
+  except SkipRecord:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  out = []
+  try:
+    with container:
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      time_base = float(stream.time_base)
+      stream_start = (stream.start_time or 0) * time_base
+      rate = stream.average_rate or stream.guessed_rate
+      half = 0.5 / float(rate) if rate else 0.02
+      for t in times:
+        # Seek to the keyframe before each target: segments are far apart in long videos.
+        container.seek(int((t + stream_start) / time_base), stream=stream, backward=True)
+        last = None
+        for frame in container.decode(stream):
+          last = frame
+          if frame.time is not None and frame.time - stream_start >= t - half:
+            break
+        if last is None:
+          raise SkipRecord("too_short", path, f"no frame at {t:.2f}s")
+        out.append(last.to_ndarray(format="rgb24"))
+  except SkipRecord:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  return out
