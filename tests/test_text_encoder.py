@@ -138,6 +138,7 @@ def test_bad_input_ids(tiny):
     model.init(jax.random.PRNGKey(0), jnp.zeros((77,), jnp.int32))
 
 
+@pytest.mark.full_size
 def test_full_openclip_h_matches_transformers():
   """The real SD2.1 parameter set (340M parameters), random weights, batch 1."""
   config = te.CLIPTextConfig.openclip_h()

@@ -96,6 +96,19 @@ def test_truncation_warns_once_with_count(tok, caplog):
   assert ids[0, -1] == 49407 and ids[0, -2] != 49407
 
 
+def test_save_reloads_identically(tok, tok_dir, tmp_path):
+  tok.save(str(tmp_path))
+  with open(os.path.join(tok_dir, "vocab.json"), encoding="utf-8") as a, open(
+      os.path.join(tmp_path, "vocab.json"), encoding="utf-8") as b:
+    assert json.load(a) == json.load(b)
+  with open(os.path.join(tok_dir, "merges.txt"), "rb") as a, open(
+      os.path.join(tmp_path, "merges.txt"), "rb") as b:
+    assert a.read() == b.read()
+  again = tokenizer_lib.Tokenizer.from_dir(str(tmp_path))
+  prompts = PROMPTS + ["wow!!"]
+  np.testing.assert_array_equal(again(prompts), tok(prompts))
+
+
 def test_bad_input(tok, tmp_path):
   with pytest.raises(TypeError, match="prompts must be strings"):
     tok(["ok", 3])

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 
 from fixtures import numpy_state_dict, randomize_
 from torch_reference import temporal_vae as ref
+from vidrd_jax.models import layers
 from vidrd_jax.models import vae as vae_lib
 from weight_conversion import vae as vae_conv
 from weight_conversion.common import ConversionError
@@ -116,14 +117,19 @@ def test_temporal_decoder_matches_reference(temporal_vae):
   _check("per-frame decode", _apply(TINY_T, "decode", temporal=False)(params, latents), per_frame)
 
 
-def test_fresh_temporal_vae_equals_image_vae_per_frame():
-  frames = jnp.zeros((1, 2, 16, 16, 3))
-  init = jax.jit(vae_lib.AutoencoderKL(TINY_T).init)
-  params = jax.tree.map(np.asarray, nn.meta.unbox(init(jax.random.PRNGKey(0), frames)["params"]))
-  image_params = dict(params)
-  image_params["decoder"] = {
-      k: {n: v for n, v in blk.items() if not n.startswith("temp_convs")}
-      if k.startswith("up_blocks") else blk for k, blk in params["decoder"].items()}
+def test_zero_initialised_temporal_vae_equals_image_vae_per_frame(temporal_vae):
+  # The reference zero-initialises the last conv of each temporal layer; ours does too.
+  fresh = layers.TemporalConvLayer(num_layers=3).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 2, 1, 1, 32)))["params"]
+  assert not np.any(nn.meta.unbox(fresh)["convs_11"]["kernel"])
+  assert not np.any(nn.meta.unbox(fresh)["convs_11"]["bias"])
+  # With those zeros (all else random) the temporal decoder is the image decoder per frame.
+  params = vae_conv.vae_from_torch(temporal_vae[1], TINY_T)
+  image_params = jax.tree.map(lambda x: x, params)
+  for name, block in params["decoder"].items():
+    for temp in [k for k in block if k.startswith("temp_convs")]:
+      block[temp]["convs_11"] = jax.tree.map(np.zeros_like, block[temp]["convs_11"])
+      del image_params["decoder"][name][temp]
   latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8, 4)).astype(np.float32)
   video = _apply(TINY_T, "decode")(params, latents)
   images = _apply(TINY, "decode")(image_params, latents)

@@ -113,15 +113,20 @@ def write_tokenizer_files(out_dir: str, bpe_path: Optional[str] = None) -> str:
     f.write("#version: 0.2\n")
     f.write("\n".join(" ".join(m) for m in merges) + "\n")
 
+  _write_special_token_files(out_dir)
+  return out_dir
+
+
+def _write_special_token_files(out_dir: str, max_length: int = MAX_LENGTH) -> None:
+  """special_tokens_map.json + tokenizer_config.json as in SD2.1's tokenizer folder."""
   special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
              "pad_token": PAD_TOKEN}
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
     json.dump(special, f, indent=2)
-  config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH,
+  config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=max_length,
                 do_lower_case=True, errors="replace", add_prefix_space=False)
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
-  return out_dir
 
 
 class Tokenizer:
@@ -161,7 +166,12 @@ class Tokenizer:
     return int(self.hf.pad_token_id)
 
   def save(self, out_dir: str) -> None:
-    self.hf.save_pretrained(out_dir)
+    """Writes an SD2.1-layout folder (vocab.json, merges.txt, configs) that from_dir reads."""
+    os.makedirs(out_dir, exist_ok=True)
+    # transformers 5's save_pretrained writes only tokenizer.json; the BPE model itself
+    # writes the vocab.json / merges.txt pair every CLIPTokenizer version reads.
+    self.hf.backend_tokenizer.model.save(out_dir)
+    _write_special_token_files(out_dir, self.max_length)
 
   def __call__(self, prompts: Sequence[str]) -> np.ndarray:
     """Tokenizes a batch of prompts.
