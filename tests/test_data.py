@@ -320,6 +320,10 @@ def test_image_source_bad_inputs(tmp_path):
     for image, caption in (("ok.png", "fine"), ("gone.png", "x"), ("broken.png", "y"),
                            ("ok.png", None), ("ok.png", "   ")):
       f.write(json.dumps({"image": image, "caption": caption}) + "\n")
+  Image.fromarray(np.full((900, 1200, 3), 77, np.uint8)).save(tmp_path / "big.jpg")
+  (tmp_path / "big.jsonl").write_text(json.dumps({"image": "big.jpg", "caption": "big"}) + "\n")
+  big = sources.ImageTextSource(str(tmp_path / "big.jsonl"), 4, 16).load(0, np.random.default_rng(0))
+  assert big["video"].shape == (4, 16, 16, 3) and abs(big["video"].astype(float).mean() - 77) < 3
   src = sources.ImageTextSource(str(tmp_path / "im.jsonl"), 4, 16)
   rng = np.random.default_rng(0)
   assert src.load(0, rng)["video"].shape == (4, 16, 16, 3)

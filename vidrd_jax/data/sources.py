@@ -14,11 +14,13 @@ the manifest's folder):
 
 captioned -- well-captioned videos (WebVid style). `path` is a manifest:
   CSV with a header row, or JSONL (one JSON object per line; by extension
-  .jsonl/.json, anything else is read as CSV). Columns: `video` (or `path`),
-  `caption` (or `text`), optional `start` and `end` in seconds delimiting the
-  part of the video to draw clips from. Column names can be changed with
-  `video_key=`, `caption_key=`. Options: `fps` (target frame rate; default
-  None = native rate) or `stride` (native-frame step, default 1), `root`.
+  .jsonl/.json; .tsv is tab-separated; anything else is read as CSV).
+  Columns: `video` (or `path`), `caption` (or `text`), optional `start` and
+  `end` in seconds delimiting the part of the video to draw clips from.
+  Column names can be changed with `video_key=`, `caption_key=` (WebVid's CSV
+  after download: caption_key="name"). gs:// paths need gcsfs (or tensorflow)
+  installed for etils.epath. Options: `fps` (target frame rate; default None
+  = native rate) or `stride` (native-frame step, default 1), `root`.
     video,caption,start,end
     clips/0001.mp4,"a dog runs on the beach",,
     gs://bucket/long.mp4,"a man cooks pasta",12.0,30.5
@@ -63,6 +65,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -143,7 +146,7 @@ def read_manifest(path: str, columns: Mapping[str, Sequence[str]],
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"Manifest {path} does not exist")
-  text = p.read_text()
+  text = p.read_text().lstrip("\ufeff")  # a spreadsheet's byte-order mark is not a column name
   if path.endswith((".jsonl", ".json")):
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -157,7 +160,7 @@ def read_manifest(path: str, columns: Mapping[str, Sequence[str]],
         rows.append(row)
     header = list(rows[0]) if rows else []
   else:
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.endswith(".tsv") else ",")
     rows = list(reader)
     header = list(reader.fieldnames or [])
   if not rows:
@@ -336,6 +339,10 @@ class ImageTextSource:
     try:
       with epath.Path(path).open("rb") as f:
         image = Image.open(f)
+        # JPEGs decode straight to a reduced scale when the image is much larger
+        # than needed (the smallest crop still keeps >= 2x the output resolution).
+        needed = math.ceil(2 * self.resolution / self.min_scale)
+        image.draft("RGB", (needed, needed))
         image.load()
     except Exception as e:  # pylint: disable=broad-except
       raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
