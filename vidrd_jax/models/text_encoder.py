@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vidrd_jax.models import layers
 from vidrd_jax.models.attention import dot_product_attention
 from vidrd_jax.parallel import axes
 
@@ -109,12 +110,8 @@ def _dense(features: int, in_axis: Optional[str], out_axis: Optional[str], dtype
 
 
 def _layer_norm(eps: float, dtype, name: str):
-  return nn.LayerNorm(
-      epsilon=eps,
-      dtype=dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.NORM,)),
-      name=name)
+  # Two-pass float32 variance, as torch computes it (flax's default fast variance is not).
+  return layers.LayerNorm(epsilon=eps, dtype=dtype, name=name)
 
 
 class CLIPAttention(nn.Module):
