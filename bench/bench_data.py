@@ -10,7 +10,8 @@ per-host batch --batch) for:
   packed    : the same clips packed with vidrd_jax.data.pack (uint8 ArrayRecord);
   latents   : packed float16 latents [F, R/8, R/8, 4] (an 8x8 average-pool stand-in encoder).
 Each row: the first batch (worker start-up) is excluded; clips/s is over the next
---clips clips. Appends a "## Data loader" section to BENCHMARKS.md (see bench/common.py).
+--clips clips; "CPU ms per clip" (in-process rows) is the loader's CPU cost,
+which divided into 1000 x cores gives the rate a host with free cores reaches. Appends a "## Data loader" section to BENCHMARKS.md (see bench/common.py).
 """
 
 from __future__ import annotations
@@ -59,12 +60,16 @@ def time_loader(spec, args, workers):
   next(it)  # start-up: worker processes, first decode
   startup = time.perf_counter() - t0
   batches = max(1, args.clips // args.batch)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(batches):
     next(it)
-  dt = time.perf_counter() - t0
+  dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   del it
-  return batches * args.batch / dt, startup
+  clips = batches * args.batch
+  # CPU time is only meaningful in-process (workers burn theirs elsewhere); unlike wall
+  # time it barely moves when the machine is shared, so it also says how many cores a
+  # given clip rate needs.
+  return clips / dt, startup, (1000 * cpu / clips if workers == 0 else None)
 
 
 def main(argv=None):
@@ -108,8 +113,9 @@ def main(argv=None):
     rows = []
     for name, spec in specs:
       for workers in [int(w) for w in args.workers.split(",")]:
-        rate, startup = time_loader(spec, args, workers)
-        rows.append([name, workers, f"{rate:.1f}", f"{startup:.1f}"])
+        rate, startup, cpu_ms = time_loader(spec, args, workers)
+        rows.append([name, workers, f"{rate:.1f}", "-" if cpu_ms is None else f"{cpu_ms:.1f}",
+                     f"{startup:.1f}"])
         print(rows[-1], flush=True)
   finally:
     if args.tmp is None:
@@ -121,7 +127,8 @@ def main(argv=None):
   body = (f"Clips of {args.frames} x {args.resolution} x {args.resolution} x 3 (float32 [-1, 1] in "
           f"the batch), per-host batch {args.batch}, from {args.videos} MP4s of {args.width}x"
           f"{args.height} @ 30 fps (libx264), frame stride {args.stride}. Data stack: {versions}.\n\n"
-          + common.markdown_table(["source", "grain workers", "clips/s per host", "first batch s"],
+          + common.markdown_table(["source", "grain workers", "clips/s per host", "CPU ms per clip",
+                                   "first batch s"],
                                   rows))
   common.append_section("Data loader", body, args)
 
