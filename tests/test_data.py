@@ -381,3 +381,28 @@ def test_tfds_kind_clear_error_when_not_prepared(tmp_path):
   pytest.importorskip("tensorflow_datasets", reason="tensorflow_datasets is not installed")
   with pytest.raises(ValueError, match="array_record"):
     sources.TfdsVideoSource("ucf101", 8, RES, data_dir=str(tmp_path))
+
+
+def test_all_kinds_in_one_mix(data_dir, tmp_path):
+  (tmp_path / "Skiing").mkdir()
+  os.symlink(data_dir / "v4.mp4", tmp_path / "Skiing" / "a.mp4")
+  (tmp_path / "seg.jsonl").write_text(json.dumps(
+      {"video": str(data_dir / "v5.mp4"), "start": 0.2, "end": 1.8, "caption": "a segment"}) + "\n")
+  Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "im.png")
+  (tmp_path / "im.jsonl").write_text(json.dumps({"image": "im.png", "caption": "a picture"}) + "\n")
+  specs = [{"kind": "captioned", "path": str(data_dir / "good.csv"), "weight": 1.0, "fps": 10},
+           {"kind": "classes", "path": str(tmp_path), "weight": 1.0, "templates": ["{label} clip"]},
+           {"kind": "segments", "path": str(tmp_path / "seg.jsonl"), "weight": 1.0, "stride": 2},
+           {"kind": "images", "path": str(tmp_path / "im.jsonl"), "weight": 1.0}]
+  it = make_train_iterator(_cfg(*specs), global_batch_size=8, frames=4, resolution=16, seed=2)
+  captions, ids = [], []
+  for _ in range(3):
+    batch = next(it)
+    assert batch["video"].shape == (8, 4, 16, 16, 3) and batch["skipped"].sum() == 0
+    captions += batch["caption"].tolist()
+    ids += batch["source_id"].tolist()
+  _close(it)
+  assert set(ids) == {0, 1, 2, 3}
+  for c, k in zip(captions, ids):
+    assert {0: c.startswith("video number"), 1: c == "skiing clip", 2: c == "a segment",
+            3: c == "a picture"}[k], (c, k)

@@ -46,7 +46,7 @@ class Mixture:
   `mixture[g]` -> np.int64 [2] = (source id, record index in that source).
   """
 
-  def __init__(self, sizes: Sequence[int], weights: Sequence[float]):
+  def __init__(self, sizes: Sequence[int], weights: Sequence[float], min_length: int = 1):
     sizes, weights = list(map(int, sizes)), np.asarray(weights, np.float64)
     if len(sizes) != len(weights) or not sizes:
       raise ValueError("Mixture needs one weight per source and at least one source")
@@ -77,7 +77,8 @@ class Mixture:
       table[i], rank[i] = k, seen[k]
       seen[k] += 1
     self.table, self.rank, self.period = table, rank, period
-    self.length = max(math.ceil(n / p) for n, p in zip(sizes, self.proportions))
+    # min_length: every host needs at least one sample per epoch.
+    self.length = max(min_length, *(math.ceil(n / p) for n, p in zip(sizes, self.proportions)))
 
   def __len__(self) -> int:
     return self.length
@@ -194,7 +195,7 @@ def make_data_loader(
     read_prefetch: int = 64,
 ) -> grain.DataLoader:
   """A grain DataLoader over built sources (see make_train_iterator)."""
-  mixture = Mixture([len(s) for s in sources], weights)
+  mixture = Mixture([len(s) for s in sources], weights, min_length=process_count)
   sampler = grain.IndexSampler(
       num_records=len(mixture),
       shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count,
@@ -244,6 +245,10 @@ def make_train_iterator(
     tokenize_fn: optional list[str] -> int32 [B, 77]; must be picklable when
       worker_count > 0 (it runs in the worker processes).
     worker_count: grain worker processes decoding in parallel (0 = in-process).
+      Workers are spawned: scripts must create the iterator under
+      `if __name__ == "__main__":` (absl's app.run is fine). The sample order
+      depends on worker_count, and a saved state restores only with the same
+      worker_count and sources.
 
   Returns:
     grain DataLoaderIterator: `next(it)` gives a batch (see the module
