@@ -1,0 +1,99 @@
+"""The attention entry point: every implementation against jax.nn.dot_product_attention.
+
+Budget: a few seconds on CPU. cudnn / splash tests run only where that backend exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vidrd_jax.models import attention
+
+
+def _qkv(seed=0, b=2, lq=9, lk=13, n=3, d=16, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  q = jax.random.normal(kq, (b, lq, n, d), jnp.float32)
+  k = jax.random.normal(kk, (b, lk, n, d), jnp.float32)
+  v = jax.random.normal(kv, (b, lk, n, d), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_xla_matches_jax_reference(scale):
+  q, k, v = _qkv()
+  got = attention.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  want = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+  assert got.shape == q.shape and got.dtype == q.dtype
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_xla_with_masks_matches_jax_reference():
+  q, k, v = _qkv(1)
+  rng = np.random.default_rng(0)
+  full = rng.random((2, 3, 9, 13)) > 0.4
+  full[..., 0] = True  # no fully masked row
+  causal_like = np.tril(np.ones((9, 13), bool), k=4)[None, None]
+  key_padding = np.arange(13)[None, None, None, :] < np.array([13, 6])[:, None, None, None]
+  for mask in (full, causal_like, key_padding):
+    mask = jnp.asarray(mask)
+    got = attention.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+  # Masked keys have no influence at all.
+  mask = jnp.asarray(key_padding)
+  v2 = v.at[1, 6:].set(1e3)
+  np.testing.assert_array_equal(
+      attention.dot_product_attention(q, k, v, mask=mask, implementation="xla")[1],
+      attention.dot_product_attention(q, k, v2, mask=mask, implementation="xla")[1])
+
+
+def test_upcast_in_bfloat16():
+  # Large logits: bf16 scores lose the ordering of nearly equal keys; upcast keeps float32.
+  q, k, v = _qkv(2, d=64, dtype=jnp.bfloat16)
+  q = q * 4
+  exact = jax.nn.dot_product_attention(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), implementation="xla")
+  up = attention.dot_product_attention(q, k, v, upcast=True, implementation="xla")
+  down = attention.dot_product_attention(q, k, v, upcast=False, implementation="xla")
+  assert up.dtype == jnp.bfloat16 and down.dtype == jnp.bfloat16
+  err_up = float(jnp.abs(up.astype(jnp.float32) - exact).max())
+  err_down = float(jnp.abs(down.astype(jnp.float32) - exact).max())
+  # Only the bf16 rounding of the output (and of the weights before the value product) is left.
+  assert err_up < 0.05, err_up
+  assert err_up <= err_down, (err_up, err_down)
+
+
+def test_auto_and_bad_implementation():
+  q, k, v = _qkv(3)
+  if jax.default_backend() == "cpu":
+    assert attention.default_implementation() == "xla"
+  np.testing.assert_array_equal(
+      attention.dot_product_attention(q, k, v),
+      attention.dot_product_attention(q, k, v, implementation="xla"))
+  with pytest.raises(ValueError, match="flash"):
+    attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cudnn needs an NVIDIA GPU")
+def test_cudnn_matches_xla():
+  # Long enough that the cudnn path is taken (short sequences fall back to XLA).
+  q, k, v = _qkv(4, b=2, lq=256, lk=256, n=4, d=64, dtype=jnp.bfloat16)
+  got = attention.dot_product_attention(q, k, v, implementation="cudnn")
+  want = attention.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
+  # float32 inputs run in bf16 inside and come back as float32.
+  q32, k32, v32 = (t.astype(jnp.float32) for t in (q, k, v))
+  got32 = attention.dot_product_attention(q32, k32, v32, implementation="cudnn")
+  assert got32.dtype == jnp.float32
+  np.testing.assert_allclose(got32, want.astype(np.float32), atol=2e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="splash/flash kernel needs a TPU")
+def test_splash_matches_xla():
+  q, k, v = _qkv(5, b=2, lq=256, lk=256, n=4, d=64)
+  got = attention.dot_product_attention(q, k, v, implementation="splash")
+  want = attention.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(got, want, atol=2e-2)
