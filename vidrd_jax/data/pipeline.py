@@ -55,7 +55,8 @@ class Mixture:
     if np.any(~np.isfinite(weights)) or np.any(weights <= 0):
       raise ValueError(f"Source weights must be positive numbers, got {weights.tolist()}")
     self.sizes = sizes
-    period = 1 if len(sizes) == 1 else _MIX_PERIOD
+    # Room for every source at least once per period, however many there are.
+    period = 1 if len(sizes) == 1 else max(_MIX_PERIOD, 4 * len(sizes))
     # Largest-remainder rounding of p_k * period, every source at least once.
     exact = weights / weights.sum() * period
     counts = np.maximum(np.floor(exact).astype(np.int64), 1)
