@@ -515,3 +515,131 @@ def sample_long_video(
     trajectories = jnp.moveaxis(jnp.stack(trajs), 2, 0)[:batch, :, :, :record_frames]
   return LongVideoLatents(latents, initial, trajectories)
 
+
+
+# =================================================================================================
+# The pipeline-level API.
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetDenoiser:
+  """``EpsFn`` for a Flax UNet module (hashable, so equal modules share compiled programs)."""
+  unet: Any
+
+  def __call__(self, params, latents, timesteps, context):
+    return self.unet.apply({"params": params}, latents, timesteps, context)
+
+
+class GenerateOutput(NamedTuple):
+  frames: Optional[np.ndarray]   # uint8 [B, K*N, H, W, 3], or None with decode=False
+  latents: np.ndarray            # [B, K, N, h, w, C] final latents of every clip
+  initial_noise: np.ndarray      # [B, K, N, h, w, C] z_T of every clip
+
+
+def _as_prompt_list(prompts, what: str) -> list[str]:
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError(f"{what} is empty: give at least one prompt")
+  bad = [p for p in prompts if not isinstance(p, str)]
+  if bad:
+    raise TypeError(f"{what} must be strings, got {type(bad[0]).__name__}")
+  return prompts
+
+
+def generate(
+    pipe: Any,
+    prompts: Sequence[str] | str,
+    num_clips: int = 1,
+    frames_per_clip: int = 8,
+    overlap: int = 4,
+    noise_recycle: float = 4.0,
+    staged_guidance: float = 0.4,  # pylint: disable=redefined-outer-name
+    noise_alpha: float = 0.0,
+    num_steps: int = 50,
+    guidance_scale: float = 10.0,
+    negative_prompt: Sequence[str] | str | None = "watermark",
+    eta: float = 0.0,
+    height: int = 256,
+    width: int = 256,
+    seed: int = 0,
+    init_latents: Optional[np.ndarray | jax.Array] = None,
+    clip_noise: Optional[np.ndarray | jax.Array] = None,
+    decode: bool = True,
+    reference_exact: bool = False,
+    *,
+    temporal_decode: Optional[bool] = None,
+    mesh: Optional[Mesh] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> GenerateOutput:
+  """Text -> long video with VidRD (defaults: the reference's inference settings).
+
+  Args:
+    pipe: a ``vidrd_jax.Pipeline`` (``vidrd_jax.load_pipeline``).
+    prompts: B prompts (or one string).
+    num_clips: K clips; the video has K * frames_per_clip frames (overlap frames included, as
+      the reference concatenates whole clips).
+    frames_per_clip: N.
+    overlap: M frames shared with the previous clip through FNR and DSG (0 <= M < N).
+    noise_recycle: PNS's alpha >= 0 (0: fresh noise for frames j >= M).
+    staged_guidance: DSG's beta in [0, 1] (0: off).
+    noise_alpha: progressive frame-correlated first-clip noise (0: i.i.d.; see
+      :func:`progressive_noise` for the reference's variance).
+    num_steps: DDIM steps S.
+    guidance_scale: classifier-free guidance w (CFG runs when w > 1).
+    negative_prompt: the unconditional text (one string, or one per prompt; None: "").
+    eta: DDIM eta.
+    height, width: output size in pixels (multiples of the VAE's downsampling factor).
+    seed: PRNG seed (prompt b uses fold_in(key(seed), b): same seed, same video).
+    init_latents: optional first-clip z_T [B, N, h, w, C].
+    clip_noise: optional standard-normal [B, K-1, N, h, w, C] fresh noise for clips 1..K-1.
+    decode: decode to frames with the VAE.
+    reference_exact: decode every frame alone, as the released reference does; False (default)
+      decodes each clip with the temporal decoder over its N frames (the paper's intent).
+    temporal_decode: override the temporal-decoding choice (None: as ``reference_exact`` says).
+    mesh: device mesh with a ``data`` axis (default: every device).
+    progress: host callback progress(clip, step) after every DDIM step.
+
+  Returns:
+    GenerateOutput(frames uint8 [B, K*N, H, W, 3] | None, latents [B, K, N, h, w, C],
+    initial_noise [B, K, N, h, w, C]) as NumPy arrays on the host.
+  """
+  prompts = _as_prompt_list(prompts, "prompts")
+  batch = len(prompts)
+  if negative_prompt is None:
+    negative_prompt = ""
+  negatives = [negative_prompt] if isinstance(negative_prompt, str) else _as_prompt_list(
+      negative_prompt, "negative_prompt")
+  if len(negatives) not in (1, batch):
+    raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+  factor = int(pipe.vae_downsample_factor)
+  for name, size in (("height", height), ("width", width)):
+    if size <= 0 or size % factor:
+      raise ValueError(f"{name}={size} must be a positive multiple of the VAE factor {factor}")
+  validate_long_video_args(num_clips, frames_per_clip, overlap, noise_recycle, staged_guidance,
+                           noise_alpha, num_steps, eta)
+  channels = int(pipe.unet.config.in_channels)
+  latent_shape = (height // factor, width // factor, channels)
+
+  context = pipe.encode_prompt(prompts)
+  negative_context = pipe.encode_prompt(negatives) if guidance_scale > 1.0 else None
+  dtype = jnp.float32
+  sampled = sample_long_video(
+      UNetDenoiser(pipe.unet), pipe.params["unet"], pipe.scheduler, context, negative_context,
+      latent_shape=latent_shape, num_clips=num_clips, frames_per_clip=frames_per_clip, overlap=overlap,
+      noise_recycle=noise_recycle, staged_guidance_strength=staged_guidance, noise_alpha=noise_alpha,
+      num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, seed=seed, init_latents=init_latents,
+      clip_noise=clip_noise, mesh=mesh, progress=progress, dtype=dtype)
+
+  frames = None
+  if decode:
+    b, k, n = batch, num_clips, frames_per_clip
+    flat = sampled.latents.reshape((b, k * n) + latent_shape)
+    # Each N-frame clip is decoded as its own clip (chunk_frames=N), as the reference decodes per clip.
+    temporal = (not reference_exact) if temporal_decode is None else temporal_decode
+    video = pipe.decode_latents(flat, temporal=temporal, chunk_frames=n,
+                                reference_exact=reference_exact and temporal_decode is None)
+    from vidrd_jax.video_io import to_uint8  # pylint: disable=g-import-not-at-top
+    frames = to_uint8(to_host(video), value_range=(-1.0, 1.0))
+  return GenerateOutput(frames, to_host(sampled.latents), to_host(sampled.initial_noise))
