@@ -76,7 +76,7 @@ from PIL import Image
 
 from vidrd_jax.data import pseudo_video
 from vidrd_jax.data.skips import SkipRecord
-from vidrd_jax.data.video import decode_clip
+from vidrd_jax.data.video import center_crop, decode_clip, resized_size
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
 DEFAULT_TEMPLATES = ("a person {label}", "a video of {label}", "{label}")
@@ -273,8 +273,7 @@ class ClassFolderSource:
 
     self.paths, self.targets = [], []
     if split_file:
-      split = root / split_file if "://" not in split_file and not os.path.isabs(split_file) \
-          else epath.Path(split_file)
+      split = epath.Path(join_path(os.fspath(root), split_file))
       if not split.exists():
         raise FileNotFoundError(f"classes source: split file {split} does not exist")
       for line in split.read_text().splitlines():
@@ -405,7 +404,7 @@ class TfdsVideoSource:
 
 
 def _resize_crop(frame: np.ndarray, resolution: int) -> np.ndarray:
-  from vidrd_jax.data.video import center_crop, resized_size  # pylint: disable=g-import-not-at-top
+  """uint8 [H, W, 3] -> [resolution, resolution, 3]: short side resized, centre crop."""
   image = Image.fromarray(frame)
   image = image.resize(resized_size(image.width, image.height, resolution), Image.BILINEAR)
   return center_crop(np.asarray(image), resolution)
