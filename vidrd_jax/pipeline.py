@@ -102,6 +102,8 @@ class Pipeline:
     if missing:
       raise ValueError(f"params lacks {missing}; expected keys {list(COMPONENTS)}")
     # Compiled once per Pipeline (and per input shape by jit's own cache), never per call.
+    self._unet = jax.jit(
+        lambda p, x, t, ctx: self.unet.apply({"params": p}, x, t, ctx))
     self._encode_ids = jax.jit(
         lambda p, ids: self.text_encoder.apply({"params": p}, ids))
     self._decode = jax.jit(self._decode_impl, static_argnames=("temporal", "chunk_frames"))
@@ -157,6 +159,15 @@ class Pipeline:
     if ids.ndim == 1:
       ids = ids[None]
     return self._encode_ids(self.params["text_encoder"] if params is None else params, ids)
+
+  # ----------------------------------------------------------------------------------- UNet
+
+  def apply_unet(self, latents: jax.Array, timesteps: jax.Array, ctx: jax.Array,
+                 params: Optional[Params] = None) -> jax.Array:
+    """Jitted ``unet.apply``: latents [B, F, h, w, 4], timesteps [B], ctx [B, 77, D] -> the
+    model output (epsilon or v, per ``prediction_type``) [B, F, h, w, 4]."""
+    return self._unet(self.params["unet"] if params is None else params, jnp.asarray(latents),
+                      jnp.asarray(timesteps), jnp.asarray(ctx))
 
   # ------------------------------------------------------------------------------------ VAE
 
@@ -254,9 +265,18 @@ def _write_json(path: str, obj: Any) -> None:
 def save_params(path: str, params: Params) -> None:
   """Writes a parameter tree as an orbax checkpoint at ``path`` (which must not exist)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = _unbox(dict(params))
+  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+         if not isinstance(x, (np.ndarray, np.generic, jax.Array))]
+  if bad:
+    raise ValueError(f"parameters that are not arrays: {', '.join(bad)}")
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), _unbox(dict(params)))
-  checkpointer.wait_until_finished()
+  try:
+    checkpointer.save(os.path.abspath(path), params)
+  finally:
+    # Never return (or let the caller clean up) while a background write is still running.
+    checkpointer.wait_until_finished()
+    checkpointer.close()
 
 
 def load_params(path: str, *, dtype: Any = None, shardings: Any = None) -> dict:
@@ -288,6 +308,19 @@ def load_params(path: str, *, dtype: Any = None, shardings: Any = None) -> dict:
 
   target = jax.tree.map(abstract, metadata, shardings)
   return checkpointer.restore(path, target)
+
+
+def _save_tokenizer(tokenizer: Tokenizer, out_dir: str) -> None:
+  # transformers 5 saves only tokenizer.json; keep the vocab.json / merges.txt folder it came
+  # from, which is what Tokenizer.from_dir (and SD2.1's layout) reads.
+  source = getattr(tokenizer.hf, "name_or_path", None)
+  if source and all(os.path.isfile(os.path.join(source, n)) for n in ("vocab.json", "merges.txt")):
+    shutil.copytree(source, out_dir)
+    return
+  tokenizer.save(out_dir)
+  if not os.path.isfile(os.path.join(out_dir, "vocab.json")):
+    raise ValueError("cannot save this tokenizer as vocab.json / merges.txt; pass the tokenizer "
+                     "folder (a path) to save_pipeline instead")
 
 
 def _configs_of(pipeline: Pipeline) -> tuple[Any, Any, Any]:
@@ -351,7 +384,7 @@ def save_pipeline(
       from vidrd_jax.tokenizer import write_tokenizer_files  # pylint: disable=g-import-not-at-top
       write_tokenizer_files(tok_dir)
     elif isinstance(tokenizer, Tokenizer):
-      tokenizer.save(tok_dir)
+      _save_tokenizer(tokenizer, tok_dir)
     else:
       shutil.copytree(os.fspath(tokenizer), tok_dir)
     save_params(os.path.join(tmp, PARAMS_DIR), {c: params[c] for c in COMPONENTS})
