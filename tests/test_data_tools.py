@@ -169,7 +169,7 @@ def _tiny_captioner(path):
 
 
 def test_caption_segments(data_dir, tmp_path, capsys):
-  from vidrd_jax.data import caption_segments  # pylint: disable=g-import-not-at-top
+  from tools import caption_segments  # pylint: disable=g-import-not-at-top
   model_dir = tmp_path / "captioner"
   vocabulary = _tiny_captioner(str(model_dir))
   videos = tmp_path / "videos.txt"

@@ -23,7 +23,7 @@ Where things are documented:
 Tools:
   python -m vidrd_jax.data.preview --source=KIND:PATH ... --out=DIR    check data, PNG grid
   python -m vidrd_jax.data.pack --source=KIND:PATH ... --out=DIR       pack clips / latents
-  python -m vidrd_jax.data.caption_segments --videos=... --model=...   caption long videos
+  python -m tools.caption_segments --videos=... --model=...   caption long videos
 """
 
 from vidrd_jax.data.pipeline import make_train_iterator

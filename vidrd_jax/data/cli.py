@@ -1,4 +1,4 @@
-"""Command-line helpers shared by pack, preview and caption_segments."""
+"""Command-line helpers shared by pack, preview and tools/caption_segments."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ classes -- action-recognition videos, one folder per class (UCF-101, Kinetics):
 
 segments -- long videos cut into captioned segments: a JSONL (or CSV) with
   `video`, `start`, `end` (seconds, required) and `caption` per segment; each
-  clip is drawn inside its segment. `python -m vidrd_jax.data.caption_segments`
+  clip is drawn inside its segment. `python -m tools.caption_segments`
   writes such a file by captioning frames with an image-to-text model.
     {"video": "long/0001.mp4", "start": 0.0, "end": 4.0, "caption": "a man ..."}
 

@@ -1,6 +1,6 @@
 """Cut long videos into segments and caption each with an image-to-text model.
 
-  python -m vidrd_jax.data.caption_segments --videos=/data/long_videos \
+  python -m tools.caption_segments --videos=/data/long_videos \
       --model=/models/blip-image-captioning-large --out=/data/long_segments.jsonl \
       --segment_seconds=4
 
@@ -133,7 +133,7 @@ def caption_videos(videos: Sequence[str], captioner, out_path: str, *, segment_s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m vidrd_jax.data.caption_segments",
+  parser = argparse.ArgumentParser(prog="python -m tools.caption_segments",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--videos", action="append", required=True,
