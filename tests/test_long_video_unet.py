@@ -117,11 +117,16 @@ def test_three_clips_equal_reference_loop():
   cfg = UNet3DConfig.tiny()
   unet = UNet3DConditionModel(cfg)
   rng = np.random.default_rng(5)
-  init = unet.init(jax.random.key(0), jnp.zeros((1, 2, LAT, LAT, 4)), jnp.zeros((1,), jnp.int32),
-                   jnp.zeros((1, 77, cfg.cross_attention_dim)))
-  leaves, treedef = jax.tree.flatten(nn.meta.unbox(init["params"]))
-  params = jax.tree.unflatten(treedef, [
-      x + jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+  # Shapes only (no compile); kernels N(0, 1/fan_in), 1-D scales 1 + N(0, 0.1^2), biases N(0, 0.1^2).
+  shapes = jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 2, LAT, LAT, 4)),
+                          jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, cfg.cross_attention_dim)))
+  def fill(path, x):
+    name = jax.tree_util.keystr(path)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    if x.ndim >= 2:
+      return jnp.asarray(noise / np.sqrt(np.prod(x.shape[:-1])))
+    return jnp.asarray(0.1 * noise + (0.0 if "bias" in name else 1.0))
+  params = jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes["params"]))
   b, n, m, k, steps, w, alpha, beta = 2, 5, 3, 3, 6, 6.0, 2.0, 0.7
   d = cfg.cross_attention_dim
   cond = rng.standard_normal((b, 77, d)).astype(np.float32)
