@@ -186,3 +186,200 @@ def test_component_folder_prefers_safetensors(tmp_path):
   empty.mkdir()
   with pytest.raises(ConversionError, match="no weights in"):
     torch_io.find_component_weights(str(empty))
+
+
+# ------------------------------------------------------------------------------ converter CLIs
+
+
+def _exported(pipe_dir):
+  """Converted params mapped back to PyTorch names (numpy), per component."""
+  import jax
+  import vidrd_jax
+  from weight_conversion.text_encoder import text_encoder_to_torch
+  from weight_conversion.unet import unet_to_torch
+  from weight_conversion.vae import vae_to_torch
+  pipe = vidrd_jax.load_pipeline(pipe_dir)
+  params = jax.tree.map(np.asarray, pipe.params)
+  return pipe, {
+      "unet": unet_to_torch(params["unet"], pipe.unet.config),
+      "vae": vae_to_torch(params["vae"], pipe.vae.config),
+      "text_encoder": text_encoder_to_torch(params["text_encoder"], pipe.text_encoder.config,
+                                            prefix=""),
+  }
+
+
+def _assert_weights_equal(got: dict, want: dict, what: str, cast=None):
+  missing = sorted(set(want) - set(got))
+  assert not missing, (what, missing[:5])
+  for k, v in want.items():
+    v = np.asarray(v if cast is None else np.asarray(v).astype(cast))
+    assert got[k].dtype == v.dtype, (what, k, got[k].dtype, v.dtype)
+    np.testing.assert_array_equal(got[k], v, err_msg=f"{what}: {k}")
+
+
+def _no_leftovers(parent, expected):
+  assert sorted(os.listdir(parent)) == sorted(expected), os.listdir(parent)
+
+
+@pytest.fixture(scope="module")
+def old_sd_folder(tmp_path_factory):
+  return fx.make_tiny_sd_folder(str(tmp_path_factory.mktemp("old") / "sd"), seed=0,
+                                old_names=True, prediction_type="v_prediction")
+
+
+def test_convert_sd_cli_2023_spellings(old_sd_folder, tiny_models, tmp_path, capsys):
+  from weight_conversion import convert_sd
+  out = str(tmp_path / "out")
+  assert convert_sd.main(["--src", old_sd_folder, "--dst", out]) == 0
+  log = capsys.readouterr().err
+  assert "summary:" in log and "total" in log and "parameters" in log
+  assert "diffusion_pytorch_model.safetensors" in log    # preferred over the decoy .bin
+  pipe, got = _exported(out)
+  assert pipe.prediction_type == "v_prediction"           # from the source's scheduler config
+  # Bit-exact weights; the UNet's extra tensors are the (new) temporal layers only.
+  _assert_weights_equal(got["unet"], fx.numpy_state_dict(tiny_models.unet), "unet")
+  assert all("temp_" in k for k in set(got["unet"]) - set(tiny_models.unet.state_dict()))
+  _assert_weights_equal(got["vae"], fx.numpy_state_dict(tiny_models.vae), "vae")
+  _assert_weights_equal(got["text_encoder"], fx.numpy_state_dict(tiny_models.text_encoder), "text")
+
+
+def test_convert_sd_cli_ldm_single_file(old_sd_folder, tiny_models, tmp_path, capsys):
+  from weight_conversion import convert_sd
+  ckpt = fx.make_tiny_ldm_file(str(tmp_path / "v2-1_tiny.ckpt"), seed=0)
+  out = str(tmp_path / "out")
+  assert convert_sd.main(["--src", ckpt, "--dst", out, "--model-config", old_sd_folder,
+                          "--dtype", "bfloat16"]) == 0
+  log = capsys.readouterr().err
+  assert "left out on purpose: 19 tensors" in log and "epsilon assumed" in log
+  pipe, got = _exported(out)
+  assert pipe.prediction_type == "epsilon"     # latent size 8, not SD2.1-768's 96
+  assert pipe.info["source_kind"] == "ldm-single-file" and pipe.info["dtype"] == "bfloat16"
+  import ml_dtypes
+  for name, model in (("unet", tiny_models.unet), ("vae", tiny_models.vae),
+                      ("text_encoder", tiny_models.text_encoder)):
+    _assert_weights_equal(got[name], fx.numpy_state_dict(model), name, cast=ml_dtypes.bfloat16)
+
+
+def test_prediction_type_defaults_and_override(tmp_path):
+  from weight_conversion import convert_sd
+  assert convert_sd.default_prediction_type(96) == "v_prediction"
+  assert convert_sd.default_prediction_type(64) == "epsilon"
+  assert convert_sd.default_prediction_type(32) == "epsilon"
+  with pytest.raises(ValueError, match="prediction-type"):
+    convert_sd.convert_sd(str(tmp_path), str(tmp_path / "o"), prediction_type="sample")
+
+
+def test_convert_vidrd_and_export_round_trip(tmp_path, capsys):
+  from weight_conversion import convert_sd, convert_vidrd
+  paths = fx.make_tiny_vidrd_release(str(tmp_path / "release"), seed=0)
+  out = str(tmp_path / "out")
+  assert convert_vidrd.main(["--sd", paths["sd"], "--unet-ckpt", paths["unet_ckpt"],
+                             "--vae", paths["vae"], "--dst", out]) == 0
+  log = capsys.readouterr().err
+  assert "clip.* (2)" in log and "vae.* (1)" in log       # what the reference ignores too
+  refs = fx.tiny_vidrd_torch_models(0)
+  pipe, got = _exported(out)
+  assert pipe.has_temporal_decoder and pipe.unet.config.add_temp_conv
+  _assert_weights_equal(got["unet"], fx.numpy_state_dict(refs.unet), "unet")
+  assert set(got["unet"]) == set(refs.unet.state_dict())
+  _assert_weights_equal(got["vae"], fx.numpy_state_dict(refs.vae), "vae")
+  _assert_weights_equal(got["text_encoder"], fx.numpy_state_dict(refs.text_encoder), "text")
+
+  # Export to diffusers layout, convert again: bit-identical parameters.
+  exported = str(tmp_path / "torch")
+  assert convert_vidrd.main(["--to-torch", out, "--dst", exported]) == 0
+  for rel in ("unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+              "vae/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "text_encoder/model.safetensors", "text_encoder/config.json",
+              "tokenizer/vocab.json", "scheduler/scheduler_config.json"):
+    assert os.path.isfile(os.path.join(exported, rel)), rel
+  unet_file = torch_io.load_state_dict(os.path.join(exported, "unet",
+                                                    "diffusion_pytorch_model.safetensors"))
+  _assert_weights_equal(unet_file, fx.numpy_state_dict(refs.unet), "exported unet")
+  from transformers import CLIPTextModel
+  hf = CLIPTextModel.from_pretrained(os.path.join(exported, "text_encoder"))
+  _assert_weights_equal(fx.numpy_state_dict(hf), fx.numpy_state_dict(refs.text_encoder),
+                        "exported text encoder, loaded by transformers")
+  again = str(tmp_path / "again")
+  assert convert_sd.main(["--src", exported, "--dst", again]) == 0
+  import jax
+  import vidrd_jax
+  a = jax.tree_util.tree_leaves_with_path(vidrd_jax.load_pipeline(out).params)
+  b = jax.tree_util.tree_leaves_with_path(vidrd_jax.load_pipeline(again).params)
+  assert [p for p, _ in a] == [p for p, _ in b]
+  for (path, x), (_, y) in zip(a, b):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def test_bad_checkpoints_list_every_problem_and_write_nothing(tmp_path, capsys):
+  import shutil
+  from weight_conversion import convert_sd
+  src = fx.make_tiny_sd_folder(str(tmp_path / "sd"), seed=0)
+  unet_file = os.path.join(src, "unet", "diffusion_pytorch_model.safetensors")
+  unet = torch_io.load_state_dict(unet_file)
+  del unet["down_blocks.0.resnets.0.conv1.weight"]                  # missing
+  unet["down_blocks.0.resnets.0.conv9.weight"] = np.zeros(3, np.float32)   # unexpected
+  unet["conv_in.weight"] = np.zeros((32, 4, 5, 5), np.float32)      # wrong shape
+  torch_io.save_safetensors(unet_file, unet)
+  vae_file = os.path.join(src, "vae", "diffusion_pytorch_model.safetensors")
+  vae = torch_io.load_state_dict(vae_file)
+  vae["decoder.extra.weight"] = np.zeros(1, np.float32)
+  torch_io.save_safetensors(vae_file, vae)
+  out = tmp_path / "out"
+  with pytest.raises(ConversionError) as info:
+    convert_sd.convert_sd(src, str(out), log=lambda _: None)
+  message = str(info.value)
+  for expected in ("missing key(s): down_blocks.0.resnets.0.conv1.weight",
+                   "unexpected key(s): down_blocks.0.resnets.0.conv9.weight",
+                   "conv_in.weight: checkpoint (32, 4, 5, 5) vs model (32, 4, 3, 3)",
+                   "vae checkpoint", "decoder.extra.weight"):
+    assert expected in message, (expected, message)
+  _no_leftovers(tmp_path, ["sd"])
+  # The command line says the same and exits 1.
+  assert convert_sd.main(["--src", src, "--dst", str(out)]) == 1
+  assert "error: unet checkpoint does not match" in capsys.readouterr().err
+  _no_leftovers(tmp_path, ["sd"])
+  # Missing pieces of a diffusers folder are named.
+  shutil.rmtree(os.path.join(src, "text_encoder"))
+  with pytest.raises(ConversionError, match="missing subfolder.*text_encoder"):
+    convert_sd.convert_sd(src, str(out), log=lambda _: None)
+
+
+def test_wrong_paths_and_formats_on_the_command_line(tmp_path, capsys):
+  from weight_conversion import convert_sd, convert_vidrd
+  out = str(tmp_path / "out")
+  assert convert_sd.main(["--src", str(tmp_path / "missing.safetensors"), "--dst", out]) == 1
+  assert "not found" in capsys.readouterr().err
+  (tmp_path / "model.onnx").write_bytes(b"\x08\x01")
+  assert convert_sd.main(["--src", str(tmp_path / "model.onnx"), "--dst", out]) == 1
+  assert "unknown checkpoint format" in capsys.readouterr().err
+  from safetensors.numpy import save_file
+  save_file({"conv_in.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "unet.safetensors"))
+  assert convert_sd.main(["--src", str(tmp_path / "unet.safetensors"), "--dst", out]) == 1
+  assert "not a single-file (CompVis/LDM)" in capsys.readouterr().err
+  assert convert_sd.main(["--to-torch", str(tmp_path), "--dst", out]) == 1
+  assert "not a complete vidrd-jax pipeline directory" in capsys.readouterr().err
+  assert convert_vidrd.main(["--sd", str(tmp_path), "--unet-ckpt", str(tmp_path / "x.pth"),
+                             "--vae", str(tmp_path), "--dst", out]) == 1
+  assert "--unet-ckpt not found" in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
+def test_convert_vidrd_refuses_code_in_the_checkpoint(tmp_path):
+  from weight_conversion import convert_vidrd
+  paths = {"sd": str(tmp_path / "sd"), "vae": str(tmp_path / "vae")}
+  for p in paths.values():
+    os.makedirs(os.path.join(p, "unet"))
+    os.makedirs(os.path.join(p, "text_encoder"))
+    for sub in ("unet", "text_encoder"):
+      with open(os.path.join(p, sub, "config.json"), "w") as f:
+        f.write("{}")
+  marker = tmp_path / "code_ran"
+  ckpt = str(tmp_path / "ModelT2V.pth")
+  torch.save({"state_dict": {"unet.conv_in.weight": torch.ones(2)},
+              "hyper_parameters": _RunsCode(marker)}, ckpt)
+  with pytest.raises(torch_io.UnsafeCheckpointError, match="arbitrary code"):
+    convert_vidrd.convert_vidrd(paths["sd"], ckpt, paths["vae"], str(tmp_path / "out"),
+                                log=lambda _: None)
+  assert not marker.exists() and not (tmp_path / "out").exists()
