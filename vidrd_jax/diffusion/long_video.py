@@ -316,10 +316,10 @@ class LongVideoLatents(NamedTuple):
   trajectories: Optional[jax.Array]  # [B, K, S, R, h, w, C] when requested, else None
 
 
-def _prompt_keys(seed: int, batch: int) -> jax.Array:
-  # Prompt b's stream is fold_in(key(seed), b): independent of batch size, padding and devices.
+def _prompt_keys(seed: int, prompt_ids: np.ndarray) -> jax.Array:
+  # Prompt b's stream is fold_in(key(seed), id_b): independent of batch size, padding and devices.
   root = jax.random.key(seed)
-  return jax.vmap(lambda b: jax.random.fold_in(root, b))(jnp.arange(batch))
+  return jax.vmap(lambda b: jax.random.fold_in(root, b))(jnp.asarray(prompt_ids, jnp.uint32))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
@@ -393,6 +393,7 @@ def sample_long_video(
     guidance_scale: float = 10.0,
     eta: float = 0.0,
     seed: int = 0,
+    prompt_ids: Optional[Sequence[int]] = None,
     init_latents: Optional[jax.Array | np.ndarray] = None,
     clip_noise: Optional[jax.Array | np.ndarray] = None,
     progressive_reference_exact: bool = True,
@@ -416,7 +417,9 @@ def sample_long_video(
     num_steps: S DDIM steps.
     guidance_scale: CFG scale w (CFG runs when w > 1, as in diffusers).
     eta: DDIM eta.
-    seed: PRNG seed; prompt b's draws come from fold_in(key(seed), b).
+    seed: PRNG seed; prompt b's draws come from fold_in(key(seed), prompt_ids[b]).
+    prompt_ids: one non-negative id per prompt (default 0..B-1); give global indices when
+      splitting a prompt list into batches so that each video does not depend on its batch.
     init_latents: optional z_T of the first clip [B, N, h, w, C], used as given.
     clip_noise: optional standard-normal fresh noise [B, K-1, N, h, w, C] for clips 1..K-1;
       frames j >= M are scaled by 1/sqrt(1+alpha^2) (PNS), frames j < M are unused.
@@ -464,7 +467,12 @@ def sample_long_video(
     pair = jnp.asarray(context)[:, None]
   pair = _put(pad(pair).astype(dtype), mesh, batch_spec)
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  keys = _put(jax.random.key_data(_prompt_keys(seed, padded)), mesh, batch_spec)
+  ids = np.arange(batch) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+  if ids.shape != (batch,) or (ids < 0).any():
+    raise ValueError(f"prompt_ids must be {batch} non-negative integers, got {prompt_ids!r}")
+  # Padding rows get ids no real prompt has (they are dropped anyway).
+  ids = np.concatenate([ids, ids.max() + 1 + np.arange(padded - batch)])
+  keys = _put(jax.random.key_data(_prompt_keys(seed, ids)), mesh, batch_spec)
   keys = jax.random.wrap_key_data(keys)
 
   sampler = ClipSampler(eps_fn=eps_fn, scheduler=scheduler, num_steps=s_steps, use_cfg=use_cfg,
@@ -569,6 +577,7 @@ def generate(
     decode: bool = True,
     reference_exact: bool = False,
     *,
+    prompt_ids: Optional[Sequence[int]] = None,
     temporal_decode: Optional[bool] = None,
     mesh: Optional[Mesh] = None,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -591,12 +600,13 @@ def generate(
     negative_prompt: the unconditional text (one string, or one per prompt; None: "").
     eta: DDIM eta.
     height, width: output size in pixels (multiples of the VAE's downsampling factor).
-    seed: PRNG seed (prompt b uses fold_in(key(seed), b): same seed, same video).
+    seed: PRNG seed (prompt b uses fold_in(key(seed), prompt_ids[b]): same seed, same video).
     init_latents: optional first-clip z_T [B, N, h, w, C].
     clip_noise: optional standard-normal [B, K-1, N, h, w, C] fresh noise for clips 1..K-1.
     decode: decode to frames with the VAE.
     reference_exact: decode every frame alone, as the released reference does; False (default)
       decodes each clip with the temporal decoder over its N frames (the paper's intent).
+    prompt_ids: per-prompt noise ids (default 0..B-1), see :func:`sample_long_video`.
     temporal_decode: override the temporal-decoding choice (None: as ``reference_exact`` says).
     mesh: device mesh with a ``data`` axis (default: every device).
     progress: host callback progress(clip, step) after every DDIM step.
@@ -629,7 +639,8 @@ def generate(
       UNetDenoiser(pipe.unet), pipe.params["unet"], pipe.scheduler, context, negative_context,
       latent_shape=latent_shape, num_clips=num_clips, frames_per_clip=frames_per_clip, overlap=overlap,
       noise_recycle=noise_recycle, staged_guidance_strength=staged_guidance, noise_alpha=noise_alpha,
-      num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, seed=seed, init_latents=init_latents,
+      num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, seed=seed, prompt_ids=prompt_ids,
+      init_latents=init_latents,
       clip_noise=clip_noise, mesh=mesh, progress=progress, dtype=dtype)
 
   frames = None
