@@ -115,6 +115,69 @@ def test_ldm_unknown_keys_surface_under_their_own_names(tiny_ldm):
     ldm.split_ldm_checkpoint({"a": np.zeros(1)}, fx.TINY_UNET_CONFIG, fx.TINY_VAE_CONFIG, 2)
 
 
+SD21_768_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
+    dual_cross_attention=False, flip_sin_to_cos=True, freq_shift=0, in_channels=4,
+    layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32,
+    num_class_embeds=None, only_cross_attention=False, out_channels=4, sample_size=96,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, upcast_attention=True,
+    use_linear_projection=True)
+SD21_VAE = dict(act_fn="silu", block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4,
+                layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=768,
+                up_block_types=["UpDecoderBlock2D"] * 4)
+SD21_TEXT = dict(hidden_act="gelu", hidden_size=1024, intermediate_size=4096,
+                 num_attention_heads=16, num_hidden_layers=23, projection_dim=512,
+                 vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5)
+
+
+def test_ldm_mapping_on_the_full_sd21_parameter_set():
+  """Names and shapes at SD2.1-768 size (meta tensors: no memory), with the configs convert_sd
+  uses for a single file, against diffusers' models and its single-file conversion."""
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from diffusers.loaders import single_file_utils as sfu
+  from transformers import CLIPTextConfig, CLIPTextModel
+  from vidrd_jax.models.text_encoder import CLIPTextConfig as OurTextConfig
+  from vidrd_jax.models.unet3d import UNet3DConfig
+  from vidrd_jax.models.vae import AutoencoderKLConfig
+  with torch.device("meta"):
+    models = {"unet": UNet2DConditionModel(**SD21_768_UNET), "vae": AutoencoderKL(**SD21_VAE),
+              "text": CLIPTextModel(CLIPTextConfig(**SD21_TEXT))}
+  truth = {c: {k: tuple(v.shape) for k, v in m.state_dict().items()} for c, m in models.items()}
+  unet_cfg = UNet3DConfig.sd21_768().to_diffusers(include_temporal=False)
+  vae_cfg = AutoencoderKLConfig.sd21(sample_size=768).to_diffusers()
+  n_text = OurTextConfig.openclip_h().num_hidden_layers
+  assert n_text == 23
+
+  def shaped(shapes):   # zero-stride stand-ins: the mapping only looks at names and shapes
+    return {k: np.broadcast_to(np.zeros((), np.bool_), s) for k, s in shapes.items()}
+
+  single = ldm.join_ldm_checkpoint(shaped(truth["unet"]), shaped(truth["vae"]),
+                                   shaped(truth["text"]), unet_cfg, vae_cfg)
+  # The released file also has OpenCLIP's 24th block, its projection and the schedule.
+  block0 = ldm.TEXT_PREFIX + "transformer.resblocks.0."
+  single.update(shaped({ldm.TEXT_PREFIX + "transformer.resblocks.23." + k[len(block0):]: v.shape
+                        for k, v in single.items() if k.startswith(block0)}))
+  single.update(shaped({ldm.TEXT_PREFIX + "text_projection": (1024, 1024),
+                        ldm.TEXT_PREFIX + "logit_scale": (), "betas": (1000,)}))
+  unet, vae, text, dropped = ldm.split_ldm_checkpoint(single, unet_cfg, vae_cfg, n_text)
+  assert len(dropped) == 12 + 3
+  for name, mine in (("unet", unet), ("vae", vae), ("text", text)):
+    assert {k: tuple(v.shape) for k, v in mine.items()} == truth[name], name
+  meta = {k: torch.empty(v.shape, device="meta") for k, v in single.items()}
+  theirs = {
+      "unet": sfu.convert_ldm_unet_checkpoint(meta, SD21_768_UNET),
+      "vae": sfu.convert_ldm_vae_checkpoint(meta, SD21_VAE),
+      "text": {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in
+               sfu.convert_open_clip_checkpoint(models["text"], meta).items()},
+  }
+  for name in theirs:
+    assert {k: tuple(v.shape) for k, v in theirs[name].items()} == truth[name], name
+  assert sum(int(np.prod(s)) for s in truth["unet"].values()) == 865_910_724
+
+
 # ------------------------------------------------------------------------------ reading files
 
 
