@@ -97,7 +97,14 @@ def dot_product_attention(
   if implementation not in (None,) + IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} not in {IMPLEMENTATIONS}")
   scale = float(q.shape[-1]) ** -0.5 if scale is None else scale
-  impl = default_implementation() if implementation in (None, "auto") else implementation
+  if implementation in (None, "auto"):
+    impl = default_implementation()
+    # Fused kernels run in half precision; a float32 model asked for float32 numbers, so auto
+    # mode keeps it on XLA rather than silently casting (force "cudnn" to trade precision).
+    if impl == "cudnn" and q.dtype == jnp.float32:
+      impl = "xla"
+  else:
+    impl = implementation
   # Tiny problems (temporal attention over a handful of frames, short text) gain nothing
   # from fused kernels and some kernels reject them; keep them on XLA.
   if impl != "xla" and (k.shape[1] < 64 or q.shape[-1] > 256):
