@@ -29,6 +29,7 @@ def assert_close(got, want, what: str, rel: float = REL_TOL):
   assert got.shape == want.shape, (what, got.shape, want.shape)
   err = np.max(np.abs(got - want))
   scale = np.std(want)
+  print(f"{what}: max abs err / std = {err / scale:.2e}")   # shown with pytest -s
   assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel} x std {scale:.3g}"
   return err / scale
 
