@@ -285,8 +285,8 @@ def load_params(path: str, *, dtype: Any = None, shardings: Any = None) -> dict:
   Args:
     path: the ``params/`` directory.
     dtype: cast floating-point parameters to this dtype while reading (None: as stored).
-    shardings: None -> arrays on the default device; else a pytree of jax.sharding.Sharding
-      matching the checkpoint (or one Sharding for every array).
+    shardings: None -> arrays on the default device; a jax.Device or one Sharding for every
+      array; or a pytree of jax.sharding.Sharding matching the checkpoint.
 
   Returns:
     The tree of jax.Arrays.
@@ -296,7 +296,9 @@ def load_params(path: str, *, dtype: Any = None, shardings: Any = None) -> dict:
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata.tree
   if shardings is None:
-    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.devices()[0]
+  if isinstance(shardings, jax.Device):
+    shardings = jax.sharding.SingleDeviceSharding(shardings)
   if isinstance(shardings, jax.sharding.Sharding):
     shardings = jax.tree.map(lambda _: shardings, metadata)
 
