@@ -446,3 +446,46 @@ def test_convert_vidrd_refuses_code_in_the_checkpoint(tmp_path):
     convert_vidrd.convert_vidrd(paths["sd"], ckpt, paths["vae"], str(tmp_path / "out"),
                                 log=lambda _: None)
   assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_lightning_bookkeeping_classes_become_inert_placeholders(tmp_path, monkeypatch):
+  """A ModelT2V.pth whose hyper-parameters are Lightning / omegaconf objects still loads, and
+  their classes are never imported or run; weights must still be plain tensors."""
+  import sys
+  import types
+  calls = []
+
+  class AttributeDict(dict):
+    def __setstate__(self, state):
+      calls.append("AttributeDict.__setstate__")
+
+  class DictConfig:
+    def __init__(self, content):
+      self.content = content
+
+    def __setstate__(self, state):
+      calls.append("DictConfig.__setstate__")
+      self.__dict__.update(state)
+
+  fake = {"pytorch_lightning.utilities.parsing": AttributeDict, "omegaconf.dictconfig": DictConfig}
+  for module_name, cls in fake.items():
+    parts = module_name.split(".")
+    for i in range(1, len(parts) + 1):   # parents too: pickle imports the module by name
+      monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    setattr(sys.modules[module_name], cls.__name__, cls)
+    cls.__module__, cls.__qualname__ = module_name, cls.__name__
+  path = str(tmp_path / "ModelT2V.pth")
+  weights = {"unet.w": torch.randn(3), "text_encoder.b": torch.randn(2)}
+  hp = AttributeDict(lr=1e-4, resolution=256)
+  torch.save({"state_dict": weights, "hyper_parameters": hp,
+              "cfg": DictConfig({"model": {"add_temp_conv": True}})}, path)
+  bad = str(tmp_path / "bad.pth")
+  torch.save({"state_dict": {"unet.w": DictConfig({})}}, bad)
+  monkeypatch.undo()   # the classes are gone, as on a machine without Lightning
+  got = torch_io.load_state_dict(path)
+  assert set(got) == set(weights)
+  for k, v in weights.items():
+    np.testing.assert_array_equal(got[k], v.numpy())
+  with pytest.raises(torch_io.UnsafeCheckpointError, match="not tensors"):
+    torch_io.load_state_dict(bad)
+  assert calls == []

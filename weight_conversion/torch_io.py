@@ -5,8 +5,11 @@ Formats: ``.safetensors`` (preferred wherever both exist), and the pickle format
 it, so opening one the ordinary way runs whatever code its author chose. Pickles are therefore
 only ever opened with ``torch.load(..., weights_only=True)``, whose unpickler accepts tensors,
 containers and plain values and nothing else; a file that needs anything more is refused with a
-message naming what it asked for. PyTorch Lightning checkpoints keep the weights under
-``state_dict``; that entry is taken.
+message naming what it asked for. One exception keeps training checkpoints readable: when the
+only extra names are training bookkeeping (Lightning's hyper-parameter and callback classes,
+omegaconf configs; INERT_GLOBAL_PREFIXES), those objects are rebuilt as inert placeholders of
+our own class, so nothing from the file is imported or called. PyTorch Lightning checkpoints
+keep the weights under ``state_dict``; that entry is taken.
 
 bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays (bit-exact); everything else keeps
 its dtype.
@@ -15,6 +18,7 @@ its dtype.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import zipfile
@@ -43,6 +47,7 @@ COMPONENT_WEIGHT_NAMES = (
     "pytorch_model.fp16.bin",
 )
 CONFIG_NAMES = ("config.json", "scheduler_config.json")
+logger = logging.getLogger(__name__)
 
 
 class UnsafeCheckpointError(ConversionError):
@@ -136,6 +141,58 @@ def _unpickler_reason(e: Exception) -> str:
   return (reasons or lines[-1:] or [type(e).__name__])[0]
 
 
+# Bookkeeping classes that training frameworks put next to the weights (Lightning's
+# hyper-parameters and callback states, hydra/omegaconf configs, type hints inside them). When a
+# checkpoint names only these, they are rebuilt as inert placeholders (_Inert, our own class:
+# nothing from the file is imported or called) and the weights are read as usual. Any other
+# name still refuses the file; torch additionally blocks os/sys/posix/nt outright.
+INERT_GLOBAL_PREFIXES = (
+    "pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
+    "argparse.Namespace", "pathlib.", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.",
+)
+# Dict subclasses among them: rebuilt as plain dicts (the unpickler fills them item by item).
+_DICT_LIKE_SUFFIXES = ("AttributeDict",)
+
+
+class _Inert:
+  """Placeholder for an object a checkpoint describes with a class we do not load."""
+
+  qualname = "?"
+
+  def __new__(cls, *args, **kwargs):
+    del kwargs
+    obj = object.__new__(cls)
+    obj.args = args
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def __repr__(self):
+    return f"<inert {self.qualname}>"
+
+
+def _inert_stub(full_name: str):
+  if full_name.endswith(_DICT_LIKE_SUFFIXES):
+    # NEWOBJ calls cls.__new__(cls): hand back a real dict so SETITEMS may fill it.
+    return type("InertDict", (), {"__new__": staticmethod(lambda cls=None, *a, **k: {}),
+                                  "qualname": full_name})
+  return type("Inert", (_Inert,), {"qualname": full_name})
+
+
+def _check_tensors_only(obj: Mapping, path: str) -> None:
+  """Refuses a placeholder where weights are expected (it would mean silently missing data)."""
+  inert = [str(k) for k, v in obj.items() if isinstance(v, _Inert)]
+  if inert:
+    raise UnsafeCheckpointError(
+        f"refusing {path}: entries of the state dict ({', '.join(inert[:5])}) are objects of "
+        "classes we do not load, not tensors")
+
+
 def _torch_load_safe(path: str):
   torch = _torch()
   is_zip = zipfile.is_zipfile(path)
@@ -144,6 +201,18 @@ def _torch_load_safe(path: str):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
   except pickle.UnpicklingError as e:
     wanted = _unsafe_globals(path)
+    if wanted and all(w.startswith(INERT_GLOBAL_PREFIXES) for w in wanted):
+      stubs = [(_inert_stub(w), w) for w in wanted]
+      try:
+        with torch.serialization.safe_globals(stubs):
+          obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+      except pickle.UnpicklingError as e2:
+        e = e2
+      else:
+        logger.warning("%s: read with inert placeholders for %s (training bookkeeping, not "
+                       "weights; nothing from the file was imported or run)", path, ", ".join(wanted))
+        return obj
+    wanted = [w for w in wanted if not w.startswith(INERT_GLOBAL_PREFIXES)] or wanted
     listed = ", ".join(wanted) if wanted else "(see detail below)"
     raise UnsafeCheckpointError(
         f"refusing to load {path}: this pickle needs arbitrary code to unpickle ({listed}). A pickle "
@@ -176,6 +245,7 @@ def load_pickle_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     raise ConversionError(
         f"{path} holds a {type(obj).__name__}, not a state dict (a mapping from names to tensors)")
+  _check_tensors_only(obj, path)
   out, skipped = {}, []
   _flatten_tensors(obj, "", out, skipped)
   if not out:
