@@ -170,9 +170,12 @@ def test_decode_and_encode_match_diffusers_vae(sd_pipe, torch_sd):
 
 
 def test_load_pipeline_dtype_options(sd_dir):
-  pipe = vidrd_jax.load_pipeline(sd_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  device = jax.devices()[-1]
+  pipe = vidrd_jax.load_pipeline(sd_dir, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                 shardings=device)
   leaves = jax.tree_util.tree_leaves(pipe.params)
   assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+  assert {d for x in leaves for d in x.devices()} == {device}
   assert pipe.encode_prompt(["a cat"]).dtype == jnp.bfloat16
   assert pipe.unet.config.dtype == jnp.bfloat16 and pipe.vae.config.dtype == jnp.bfloat16
 
