@@ -252,6 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m weight_conversion.convert_sd",
       description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 1)[1],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", help="diffusers SD folder or single-file .safetensors/.ckpt")
   parser.add_argument("--dst", required=True, help="output directory (must not exist)")

@@ -165,9 +165,11 @@ def convert_vidrd(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m weight_conversion.convert_vidrd",
-                                   description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="python -m weight_conversion.convert_vidrd",
+      description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 1)[1],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sd", help="diffusers stable-diffusion-2-1-base folder")
   parser.add_argument("--unet-ckpt", help="VidRD's ModelT2V.pth (Lightning checkpoint)")
   parser.add_argument("--vae", help="VidRD's vae_finetuned/ folder (temporal VAE)")

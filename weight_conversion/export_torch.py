@@ -114,8 +114,11 @@ def export_to_torch(src: str, dst: str, *, legacy_vae_names: bool = False, overw
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m weight_conversion.export_torch",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m weight_conversion.export_torch",
+      description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 1)[1],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--src", required=True, help="vidrd-jax pipeline directory")
   parser.add_argument("--dst", required=True, help="output directory (must not exist)")
   parser.add_argument("--legacy-vae-names", action="store_true",
