@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from vidrd_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig, init_params
+from vidrd_jax.models.unet3d import UNet3DConfig, init_params
 from weight_conversion.common import ConversionError, check_state_dict, flatten, unflatten
 
 # Flax names whose trailing "_N" is part of the torch name, not a list index.
