@@ -256,3 +256,18 @@ def test_vidrd_temporal_decoder(vidrd_pipe, torch_vidrd):
   chunked = vidrd_pipe.decode_latents(jnp.asarray(z), chunk_frames=4)   # clips of 4 and 2
   want = np.concatenate([ref(z[:, :4], 4), ref(z[:, 4:], 2)], axis=1)
   assert_close(chunked, want, "chunked temporal decode")
+
+
+def test_loading_and_running_needs_no_torch(sd_dir):
+  import subprocess
+  import sys
+  code = ("import sys, numpy as np, vidrd_jax\n"
+          f"p = vidrd_jax.load_pipeline({sd_dir!r})\n"
+          "p.encode_prompt(['a red ball'])\n"
+          "p.decode_latents(np.zeros((1, 1, 8, 8, 4), np.float32))\n"
+          "print('torch' in sys.modules)\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+  assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
