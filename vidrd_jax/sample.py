@@ -128,10 +128,10 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
   started = time.time()
   pipe = pipeline_lib.load_pipeline(config.checkpoint, dtype=dtype[config.dtype],
                                     attention_impl=config.attention_impl or None)
-  factor = pipe.vae_downsample_factor
+  factor = long_video.pixel_size_multiple(pipe)
   for name in ("height", "width"):
     if config[name] <= 0 or config[name] % factor:
-      raise ValueError(f"{name}={config[name]} must be a positive multiple of the VAE factor {factor}")
+      raise ValueError(f"{name}={config[name]} must be a positive multiple of {factor} for this model")
   load_s = time.time() - started
 
   ndev = jax.device_count()

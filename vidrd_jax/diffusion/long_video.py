@@ -556,6 +556,12 @@ def _as_prompt_list(prompts, what: str) -> list[str]:
   return prompts
 
 
+def pixel_size_multiple(pipe: Any) -> int:
+  """Heights and widths must be multiples of this: VAE factor x the UNet's total downsampling."""
+  unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+  return int(pipe.vae_downsample_factor) * unet_factor
+
+
 def generate(
     pipe: Any,
     prompts: Sequence[str] | str,
@@ -599,7 +605,7 @@ def generate(
     guidance_scale: classifier-free guidance w (CFG runs when w > 1).
     negative_prompt: the unconditional text (one string, or one per prompt; None: "").
     eta: DDIM eta.
-    height, width: output size in pixels (multiples of the VAE's downsampling factor).
+    height, width: output size in pixels (multiples of :func:`pixel_size_multiple`: 64 for SD2.1).
     seed: PRNG seed (prompt b uses fold_in(key(seed), prompt_ids[b]): same seed, same video).
     init_latents: optional first-clip z_T [B, N, h, w, C].
     clip_noise: optional standard-normal [B, K-1, N, h, w, C] fresh noise for clips 1..K-1.
@@ -623,10 +629,12 @@ def generate(
       negative_prompt, "negative_prompt")
   if len(negatives) not in (1, batch):
     raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
-  factor = int(pipe.vae_downsample_factor)
+  factor = pixel_size_multiple(pipe)
   for name, size in (("height", height), ("width", width)):
     if size <= 0 or size % factor:
-      raise ValueError(f"{name}={size} must be a positive multiple of the VAE factor {factor}")
+      raise ValueError(f"{name}={size} must be a positive multiple of {factor} (the VAE's downsampling "
+                       f"{pipe.vae_downsample_factor} x the UNet's {factor // pipe.vae_downsample_factor})")
+  factor = int(pipe.vae_downsample_factor)
   validate_long_video_args(num_clips, frames_per_clip, overlap, noise_recycle, staged_guidance,
                            noise_alpha, num_steps, eta)
   channels = int(pipe.unet.config.in_channels)
@@ -645,12 +653,19 @@ def generate(
 
   frames = None
   if decode:
+    mesh = make_data_mesh() if mesh is None else mesh
+    ndev = mesh.shape[DATA_AXIS]
     b, k, n = batch, num_clips, frames_per_clip
     flat = sampled.latents.reshape((b, k * n) + latent_shape)
+    # Decode sharded like sampling: pad the batch to the device count again (dropped below).
+    padded = -(-b // ndev) * ndev
+    flat = jnp.concatenate([flat, jnp.repeat(flat[-1:], padded - b, axis=0)]) if padded > b else flat
+    flat = jax.device_put(flat, NamedSharding(mesh, P(DATA_AXIS)))
+    vae_params = jax.device_put(pipe.params["vae"], NamedSharding(mesh, P()))
     # Each N-frame clip is decoded as its own clip (chunk_frames=N), as the reference decodes per clip.
     temporal = (not reference_exact) if temporal_decode is None else temporal_decode
     video = pipe.decode_latents(flat, temporal=temporal, chunk_frames=n,
-                                reference_exact=reference_exact and temporal_decode is None)
+                                reference_exact=reference_exact and temporal_decode is None, params=vae_params)
     from vidrd_jax.video_io import to_uint8  # pylint: disable=g-import-not-at-top
-    frames = to_uint8(to_host(video), value_range=(-1.0, 1.0))
+    frames = to_uint8(to_host(video)[:b], value_range=(-1.0, 1.0))
   return GenerateOutput(frames, to_host(sampled.latents), to_host(sampled.initial_noise))
