@@ -126,8 +126,11 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
   if config.dtype not in dtype:
     raise ValueError(f"dtype must be one of {sorted(k for k in dtype if k)}, got {config.dtype!r}")
   started = time.time()
+  # Parameters replicated over every device (of every host) straight from the checkpoint.
+  mesh = long_video.make_data_mesh()
   pipe = pipeline_lib.load_pipeline(config.checkpoint, dtype=dtype[config.dtype],
-                                    attention_impl=config.attention_impl or None)
+                                    attention_impl=config.attention_impl or None,
+                                    shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   factor = long_video.pixel_size_multiple(pipe)
   for name in ("height", "width"):
     if config[name] <= 0 or config[name] % factor:
@@ -160,7 +163,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
         noise_alpha=config.noise_alpha, num_steps=config.num_steps, guidance_scale=config.guidance_scale,
         negative_prompt=config.negative_prompt, eta=config.eta, height=config.height, width=config.width,
         seed=config.seed, reference_exact=config.reference_exact, prompt_ids=range(first, first + len(batch)),
-        progress=progress)
+        mesh=mesh, progress=progress)
     elapsed = time.time() - t0
     if not is_writer:
       continue

@@ -360,11 +360,13 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def _put(x: Any, mesh: Mesh, spec: P) -> jax.Array:
-  # make_array_from_callback works single- and multi-host when every process holds the full value.
-  x = np.asarray(x) if not isinstance(x, jax.Array) else x
-  if isinstance(x, jax.Array):
-    return jax.device_put(x, NamedSharding(mesh, spec))
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+  """Places a value every process holds in full onto ``mesh`` with ``spec``."""
+  sharding = NamedSharding(mesh, spec)
+  if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  # Multi-host: each process fills only its own devices' shards from its full host copy.
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -466,7 +468,7 @@ def sample_long_video(
   else:
     pair = jnp.asarray(context)[:, None]
   pair = _put(pad(pair).astype(dtype), mesh, batch_spec)
-  params = jax.device_put(params, NamedSharding(mesh, P()))
+  params = jax.tree.map(lambda x: _put(x, mesh, P()), params)
   ids = np.arange(batch) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
   if ids.shape != (batch,) or (ids < 0).any():
     raise ValueError(f"prompt_ids must be {batch} non-negative integers, got {prompt_ids!r}")
@@ -487,8 +489,9 @@ def sample_long_video(
   if progress is not None:
     set_progress_hook(progress)
   prev_init = None
-  past = jax.device_put(jnp.zeros((s_steps, padded, sampler.record_frames) + tuple(latent_shape), dtype),
-                        NamedSharding(mesh, P(None, DATA_AXIS)))
+  # The first clip has no past (its DSG mask is all False); zeros keep the program's signature.
+  past = jnp.zeros((s_steps, padded, sampler.record_frames) + tuple(latent_shape), dtype,
+                   device=NamedSharding(mesh, P(None, DATA_AXIS)))
   for clip in range(k):
     # Every clip's draws come from its own tags, so clip i's noise does not depend on K.
     if clip == 0:
@@ -660,8 +663,8 @@ def generate(
     # Decode sharded like sampling: pad the batch to the device count again (dropped below).
     padded = -(-b // ndev) * ndev
     flat = jnp.concatenate([flat, jnp.repeat(flat[-1:], padded - b, axis=0)]) if padded > b else flat
-    flat = jax.device_put(flat, NamedSharding(mesh, P(DATA_AXIS)))
-    vae_params = jax.device_put(pipe.params["vae"], NamedSharding(mesh, P()))
+    flat = _put(flat, mesh, P(DATA_AXIS))
+    vae_params = jax.tree.map(lambda x: _put(x, mesh, P()), pipe.params["vae"])
     # Each N-frame clip is decoded as its own clip (chunk_frames=N), as the reference decodes per clip.
     temporal = (not reference_exact) if temporal_decode is None else temporal_decode
     video = pipe.decode_latents(flat, temporal=temporal, chunk_frames=n,
