@@ -393,3 +393,67 @@ def ratio_str(ours: float, theirs: float) -> str:
   """'0.83x (ours faster)' style comparison of two times."""
   r = ours / theirs
   return f"{r:.2f}x ({'ours faster' if r < 1 else 'ours slower'})"
+
+
+class CompileLog(contextlib.AbstractContextManager):
+  """Records every XLA compilation inside a block: {jitted function name: [seconds, ...]}.
+
+  Uses jax's own ``jax_log_compiles`` messages ("Finished XLA compilation of jit(f) in t sec"),
+  so it counts real compilations, not dispatch-cache entries.
+  """
+
+  def __init__(self):
+    import logging  # pylint: disable=g-import-not-at-top
+    self.compiles: Dict[str, List[float]] = {}
+    self._logging = logging
+    self._handler = None
+
+  def __enter__(self):
+    import re  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    logging = self._logging
+    pattern = re.compile(r"Finished XLA compilation of jit\((.+?)\) in ([0-9.e-]+) sec")
+    log = self
+
+    class _Handler(logging.Handler):
+
+      def emit(self, record):
+        m = pattern.search(record.getMessage())
+        if m:
+          log.compiles.setdefault(m.group(1), []).append(float(m.group(2)))
+
+    self._prev = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    self._handler = _Handler(level=logging.DEBUG)
+    self._loggers = [logging.getLogger(n) for n in ("jax._src.dispatch", "jax._src.interpreters.pxla",
+                                                     "jax._src.compiler", "jax")]
+    self._saved = []
+    for lg in self._loggers:
+      self._saved.append((lg.propagate, lg.level))
+      lg.addHandler(self._handler)
+      lg.propagate = False  # keep the (WARNING-level) messages off the console
+      lg.setLevel(logging.DEBUG)
+    return self
+
+  def __exit__(self, *exc):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_log_compiles", self._prev)
+    for lg, (prop, level) in zip(self._loggers, self._saved):
+      lg.removeHandler(self._handler)
+      lg.propagate = prop
+      lg.setLevel(level)
+    return False
+
+  def count(self, name: Optional[str] = None) -> int:
+    if name is None:
+      return sum(len(v) for v in self.compiles.values())
+    return len(self.compiles.get(name, []))
+
+  def seconds(self, name: Optional[str] = None) -> float:
+    if name is None:
+      return sum(sum(v) for v in self.compiles.values())
+    return sum(self.compiles.get(name, []))
+
+  def top(self, n: int = 5) -> str:
+    items = sorted(self.compiles.items(), key=lambda kv: -sum(kv[1]))[:n]
+    return ", ".join(f"{k} {sum(v):.1f}s" + (f" (x{len(v)})" if len(v) > 1 else "") for k, v in items)
