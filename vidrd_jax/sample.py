@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -102,7 +102,6 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
   maybe_initialize_distributed(config.get("distributed", "auto"))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from vidrd_jax import video_io  # pylint: disable=g-import-not-at-top

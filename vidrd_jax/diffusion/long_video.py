@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import threading
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -214,7 +213,8 @@ class ClipSampler:
     else:
       model_in, ctx = latents, context[:, -1]
     timesteps = jnp.full((model_in.shape[0],), t, jnp.int32)
-    out = self.eps_fn(params, model_in, timesteps, ctx)
+    # Guidance and the DDIM update in the latents' dtype (float32), whatever the UNet computes in.
+    out = self.eps_fn(params, model_in, timesteps, ctx).astype(latents.dtype)
     if self.use_cfg:
       out = out.reshape((b, 2) + out.shape[1:])
       uncond, cond = out[:, 0], out[:, 1]
@@ -224,7 +224,7 @@ class ClipSampler:
       # One key per prompt: the noise does not depend on batch composition or sharding.
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), latents.shape[1:],
                                                    latents.dtype))(step_keys)
-    latents = self.scheduler.step(out.astype(latents.dtype), t, latents, self.num_steps, eta, noise).prev_sample
+    latents = self.scheduler.step(out, t, latents, self.num_steps, eta, noise).prev_sample
     if self.progress:
       jax.debug.callback(_progress_tick, clip_index, s)
     return latents, record
@@ -286,7 +286,7 @@ def denoise_clip_loop(sampler: ClipSampler, params, init_latents, context, guida
 # Progress reporting from inside the compiled scan.
 
 _progress_lock = threading.Lock()
-_progress_hook: Optional[Callable[[int], None]] = None
+_progress_hook: Optional[Callable[[int, int], None]] = None
 
 
 def _progress_tick(clip, step) -> None:
