@@ -263,14 +263,21 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def save_params(path: str, params: Params) -> None:
-  """Writes a parameter tree as an orbax checkpoint at ``path`` (which must not exist)."""
+  """Writes a parameter tree as an orbax checkpoint at ``path`` (which must not exist).
+
+  The write is local to the calling process (no cross-host barriers), so on a multi-host
+  machine one process can export: pass host arrays (e.g. ``jax.device_get``), not arrays
+  sharded over several hosts.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   params = _unbox(dict(params))
   bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
          if not isinstance(x, (np.ndarray, np.generic, jax.Array))]
   if bad:
     raise ValueError(f"parameters that are not arrays: {', '.join(bad)}")
-  checkpointer = ocp.StandardCheckpointer()
+  me = jax.process_index()
+  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
   try:
     checkpointer.save(os.path.abspath(path), params)
   finally:
