@@ -79,6 +79,15 @@ def test_alpha_zero_is_fresh_noise():
   np.testing.assert_array_equal(z[:, 1, :3], z[:, 0, ::-1][:, :3])
 
 
+def test_no_overlap_makes_independent_clips():
+  rng = np.random.default_rng(6)
+  clip_noise = rng.standard_normal((B, 2, N, H, W, C)).astype(np.float32)
+  out = _sample(overlap=0, noise_recycle=0.0, staged_guidance_strength=1.0, clip_noise=clip_noise)
+  np.testing.assert_array_equal(out.initial_noise[:, 1:], clip_noise)
+  ctx, neg = _text()
+  assert_close(out.latents[:, 2], _plain_ddim(jnp.asarray(clip_noise[:, 1]), jnp.asarray(ctx), jnp.asarray(neg)))
+
+
 def test_supplied_noise_is_used_and_scaled():
   rng = np.random.default_rng(4)
   init = rng.standard_normal((B, N, H, W, C)).astype(np.float32)

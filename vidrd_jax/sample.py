@@ -173,6 +173,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
       video_io.write_gif(stem + ".gif", out.frames[j], fps=config.fps)
       record = {
           "prompt": prompt,
+          "prompts_file": config.prompts_file,
           "index": index,
           "files": {"mp4": stem + ".mp4", "gif": stem + ".gif"},
           "num_frames": int(out.frames.shape[1]),
