@@ -83,6 +83,7 @@ def test_fresh_unet3d_equals_diffusers_per_frame(cfg):
   got = _apply(cfg)(params, _jax_video(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
   got = _torch_layout(got)[:, :, 0]
   err = _rel_err(got, want)
+  print(f"fresh UNet3D vs diffusers: max abs err / std = {err:.2e}")
   assert err <= TOL, f"fresh UNet3D vs diffusers: max abs err / std = {err:.2e}"
 
 
@@ -106,6 +107,7 @@ def test_fresh_temporal_layers_are_identity_for_videos():
   got = _torch_layout(_apply(cfg)(params, _jax_video(x), jnp.asarray(t.numpy()),
                                   jnp.asarray(ctx.numpy())))
   err = _rel_err(got, want)
+  print(f"fresh UNet3D (F=3) vs reference: {err:.2e}")
   assert err <= TOL, f"fresh UNet3D (F=3) vs reference: {err:.2e}"
 
 
@@ -137,6 +139,7 @@ def test_random_unet3d_matches_reference(variant):
   got = _torch_layout(_apply(cfg)(params, _jax_video(x), jnp.asarray(t.numpy()),
                                   jnp.asarray(ctx.numpy())))
   err = _rel_err(got, want)
+  print(f"{variant}: UNet3D vs torch reference, max abs err / std = {err:.2e}")
   assert err <= TOL, f"{variant}: UNet3D vs torch reference, max abs err / std = {err:.2e}"
 
 
@@ -156,6 +159,7 @@ def test_single_frame_bypasses_random_temporal_layers():
   args = (_jax_video(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
   got = np.asarray(fn(params, *args))
   err = _rel_err(_torch_layout(got)[:, :, 0], want)
+  print(f"F=1 with random temporal layers vs diffusers 2D: {err:.2e}")
   assert err <= TOL, f"F=1 with random temporal layers vs diffusers 2D: {err:.2e}"
   # The temporal parameters do not matter at all for one frame.
   zeroed = unet_conv.unet_from_torch(
@@ -251,6 +255,8 @@ def test_config_from_diffusers_and_bad_inputs():
   assert not got.add_temp_conv and got.down_block_types == cfg.down_block_types
   with pytest.raises(ValueError, match="class_embed_type"):
     UNet3DConfig.from_diffusers(dict(sd21_768, class_embed_type="timestep"))
+  with pytest.raises(ValueError, match="act_fn"):
+    UNet3DConfig.from_diffusers(dict(sd21_768, act_fn="gelu"))
   with pytest.raises(ValueError, match="divisible by 32"):
     UNet3DConfig.tiny(block_out_channels=(48, 64))
   with pytest.raises(ValueError, match="unsupported block types"):
@@ -329,4 +335,5 @@ def test_full_size_sd21_base_matches_reference():
   got = _torch_layout(UNet3DConditionModel(cfg).apply(
       {"params": params}, _jax_video(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())))
   err = _rel_err(got, want)
+  print(f"full SD2.1-base UNet3D vs reference: max abs err / std = {err:.2e}")
   assert err <= TOL, f"full SD2.1-base UNet3D vs reference: max abs err / std = {err:.2e}"

@@ -78,8 +78,6 @@ _UNSUPPORTED_DIFFUSERS_KEYS = {
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
-    "act_fn": "silu",
-    "dual_cross_attention": False,
     "addition_embed_type_num_heads": 64,
     "attention_mask": None,
 }
@@ -110,6 +108,7 @@ class UNet3DConfig:
     layers_per_block: resnets per down block (up blocks have one more).
     downsample_padding: padding of the stride-2 convs.
     mid_block_scale_factor: output_scale_factor of the mid block's resnets.
+    act_fn: only "silu" (SD2.1's).
     norm_num_groups, norm_eps: GroupNorm groups and the resnets' / conv_norm_out's epsilon
       (the transformers' GroupNorm always uses 1e-6, their LayerNorms 1e-5).
     cross_attention_dim: text context width.
@@ -117,6 +116,7 @@ class UNet3DConfig:
       channels // heads channels.
     use_linear_projection: proj_in/proj_out are Linear (SD2.x) rather than 1x1 convs.
     upcast_attention: attention scores in float32 (SD2.1 768-v).
+    dual_cross_attention: only False (SD2.1's).
     add_temp_conv: TemporalConvLayer after each resnet (reference switch).
     add_temp_embed: sinusoidal frame embedding before temporal attention (reference switch).
     add_temp_attn: temporal attention in the transformer blocks. The reference always has
@@ -148,12 +148,14 @@ class UNet3DConfig:
   layers_per_block: int = 2
   downsample_padding: int = 1
   mid_block_scale_factor: float = 1.0
+  act_fn: str = "silu"
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   cross_attention_dim: int = 1024
   attention_head_dim: Union[int, Tuple[int, ...]] = (5, 10, 20, 20)
   use_linear_projection: bool = True
   upcast_attention: bool = False
+  dual_cross_attention: bool = False
   # VidRD temporal layers, named as the reference names them.
   add_temp_conv: bool = True
   add_temp_embed: bool = True
@@ -210,6 +212,10 @@ class UNet3DConfig:
           problems.append(f"block_out_channels[{i}]={c} not divisible by {self.heads(i)} heads")
     if self.add_temp_transformer and self.block_out_channels[0] % 32:
       problems.append("add_temp_transformer needs block_out_channels[0] divisible by 32")
+    if self.act_fn not in ("silu", "swish"):
+      problems.append(f"act_fn={self.act_fn!r} (only silu)")
+    if self.dual_cross_attention:
+      problems.append("dual_cross_attention=True is not supported")
     if problems:
       raise ValueError("invalid UNet3DConfig: " + "; ".join(problems))
 
@@ -290,8 +296,7 @@ class UNet3DConfig:
         continue
       value = getattr(self, f.name)
       out[f.name] = list(value) if isinstance(value, tuple) else value
-    out.update(act_fn="silu", dual_cross_attention=False, resnet_time_scale_shift="default",
-               class_embed_type=None, num_class_embeds=None)
+    out.update(resnet_time_scale_shift="default", class_embed_type=None, num_class_embeds=None)
     return out
 
   # Presets.
