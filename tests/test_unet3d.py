@@ -226,6 +226,10 @@ def test_conversion_errors_name_every_bad_key():
              if k != "mid_block.temp_convs.1.convs.0.weight"}
   with pytest.raises(ConversionError, match="mid_block.temp_convs.1.convs.0.weight"):
     unet_conv.unet_from_torch(partial, cfg, allow_missing_temporal=True)
+  # A complete 3D checkpoint is fine with allow_missing_temporal too: nothing to fill.
+  full = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+  params = unet_conv.unet_from_torch(full, cfg, allow_missing_temporal=True)
+  assert (params["mid_block"]["temp_convs_1"]["convs_3"]["kernel"] == 0.5).all()
 
 
 def test_config_from_diffusers_and_bad_inputs():

@@ -143,8 +143,9 @@ def unet_from_torch(
   fill = []
   if allow_missing_temporal:
     fill = sorted(n for n in expected if n not in state and is_temporal(n))
-    # A checkpoint that has some temporal layers but not all is broken, not 2D.
-    if len(fill) != sum(map(is_temporal, expected)):
+    # A checkpoint that has some temporal layers but not all is broken, not 2D; one that has
+    # all of them needs no filling.
+    if fill and len(fill) != sum(map(is_temporal, expected)):
       present = [n for n in expected if is_temporal(n) and n in state]
       if present:
         raise ConversionError(
