@@ -144,13 +144,17 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
   steps_total = -(-len(prompts) // batch_size) * config.num_clips * config.num_steps
   bar = None
   progress = None
-  if config.progress and is_writer:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=steps_total, unit="step", desc="sampling", dynamic_ncols=True)
+  if config.progress:
+    # Every host must run the same program, so all of them get the callback; one shows the bar.
+    if is_writer:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=steps_total, unit="step", desc="sampling", dynamic_ncols=True)
 
     def progress(clip, step):  # pylint: disable=function-redefined
-      bar.set_postfix_str(f"clip {clip + 1}/{config.num_clips}", refresh=False)
-      bar.update(1)
+      del step
+      if bar is not None:
+        bar.set_postfix_str(f"clip {clip + 1}/{config.num_clips}", refresh=False)
+        bar.update(1)
 
   records = []
   for first in range(0, len(prompts), batch_size):
