@@ -19,6 +19,7 @@ in/out shardings and donated state.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -95,11 +96,13 @@ def build_components(config: ml_collections.ConfigDict, workdir: str) -> Compone
   m = config.model
   if config.init_from:
     from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-    pipe = pipeline_lib.load_pipeline(config.init_from)
-    unet_cfg = dataclasses.replace(pipe.unet_config, **unet_overrides)
-    vae_cfg, text_cfg = pipe.vae_config, pipe.text_config
+    # Parameters stay on the host here; setup() places them with the training shardings.
+    pipe = pipeline_lib.load_pipeline(config.init_from, shardings=jax.devices("cpu")[0]
+                                      if _has_cpu() else None)
+    unet_cfg = dataclasses.replace(pipe.unet.config, **unet_overrides)
+    vae_cfg, text_cfg = pipe.vae.config, pipe.text_encoder.config
     tokenizer = pipe.tokenizer
-    scheduler_config = pipe.scheduler.to_config()
+    scheduler_config = dict(pipe.scheduler_config)
     unet_params = pipe.params["unet"]
     vae_params, text_params = pipe.params["vae"], pipe.params["text_encoder"]
   else:
@@ -114,10 +117,8 @@ def build_components(config: ml_collections.ConfigDict, workdir: str) -> Compone
     vae_cfg = vae_preset(temporal=True)
     text_cfg = text_preset()
     tokenizer = Tokenizer.from_open_clip_vocab(os.path.join(_local_cache(workdir), "tokenizer"))
-    # SD2.1-base's training schedule.
-    scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                            beta_schedule="scaled_linear", prediction_type=m.prediction_type,
-                            set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    from vidrd_jax.pipeline import SD2_SCHEDULER_CONFIG  # pylint: disable=g-import-not-at-top
+    scheduler_config = dict(SD2_SCHEDULER_CONFIG)
     unet_params = vae_params = text_params = None
   scheduler_config = dict(scheduler_config, prediction_type=m.prediction_type)
   models = train_lib.Models(
@@ -127,6 +128,13 @@ def build_components(config: ml_collections.ConfigDict, workdir: str) -> Compone
       scheduler=DDIMScheduler.from_config(scheduler_config))
   return Components(models, tokenizer, unet_cfg, vae_cfg, text_cfg, scheduler_config,
                     unet_params, vae_params, text_params)
+
+
+def _has_cpu() -> bool:
+  try:
+    return bool(jax.devices("cpu"))
+  except RuntimeError:
+    return False
 
 
 def _local_cache(workdir: str) -> str:
@@ -183,10 +191,63 @@ class Setup:
   abstract_state: train_lib.TrainState   # ShapeDtypeStructs with shardings
   state_shardings: train_lib.TrainState
   frozen_shardings: PyTree
+  abstract_frozen: PyTree                # ShapeDtypeStructs of init_frozen()'s output
   batch_shapes: dict                     # global batch ShapeDtypeStructs with shardings
   init_state: Callable[[], train_lib.TrainState]
   init_frozen: Callable[[], PyTree]
   train_step: Callable                   # jitted
+  _compiled: Any = None
+
+  def compiled_step(self) -> Any:
+    """The train step compiled for ``abstract_state`` / ``batch_shapes`` (once per Setup)."""
+    if self._compiled is None:
+      frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.abstract_frozen, self.frozen_shardings)
+      self._compiled = self.train_step.lower(self.abstract_state, self.batch_shapes,
+                                             frozen).compile()
+    return self._compiled
+
+
+# Fields that only steer the loop (logging, checkpoint cadence, simulated preemption...), not
+# the models, shardings or the compiled step.
+_LOOP_ONLY_FIELDS = ("preempt_at_step", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "keep_best", "async_checkpointing", "progress_bar", "tensorboard", "export",
+                     "sample_every", "sample_prompts", "sample_steps", "sample_guidance",
+                     "sample_clips", "max_nan_steps", "distributed")
+_SETUP_CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+_SETUP_CACHE_SIZE = 2
+
+
+def _setup_key(config: ml_collections.ConfigDict, mesh) -> Optional[tuple]:
+  if config.init_from:
+    return None  # loaded weights may change on disk between runs
+  fields = {k: v for k, v in config.to_dict().items() if k not in _LOOP_ONLY_FIELDS}
+  if config.optimizer.decay_steps >= 0:
+    fields.pop("num_steps")  # only the LR schedule's default length depends on it
+  devices = tuple(d.id for d in (mesh.devices.flat if mesh is not None else jax.devices()))
+  mesh_shape = tuple(mesh.shape.items()) if mesh is not None else None
+  return json.dumps(fields, sort_keys=True, default=str), devices, mesh_shape
+
+
+def cached_setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
+                 builder: Optional[Callable] = None) -> Any:
+  """``setup`` memoised per process on everything that shapes the compiled program.
+
+  Repeated runs in one process (tests, notebooks, a resumed run after a simulated
+  preemption) then reuse the jitted init and the compiled step instead of recompiling.
+  """
+  builder = builder or setup
+  key = _setup_key(config, mesh)
+  if key is None:
+    return builder(config, workdir, mesh=mesh)
+  key = (builder.__module__,) + key
+  if key not in _SETUP_CACHE:
+    # Few entries: each Setup keeps its compiled programs (and loaded weights) alive.
+    while len(_SETUP_CACHE) >= _SETUP_CACHE_SIZE:
+      _SETUP_CACHE.popitem(last=False)
+    _SETUP_CACHE[key] = builder(config, workdir, mesh=mesh)
+  _SETUP_CACHE.move_to_end(key)
+  return _SETUP_CACHE[key]
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setup:
@@ -250,21 +311,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setu
   }
   uncond_ids = np.asarray(comp.tokenizer([""]), np.int32)
 
+  # jit objects built once per Setup, so repeated init calls reuse the compiled program.
+  random_init = jax.jit(lambda k, ks: make_state(sharding_lib.unbox(unet_init(k)), ks),
+                        out_shardings=state_sh)
+  state_from_params = jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,))
+  random_vae = jax.jit(lambda k: sharding_lib.unbox(vae_init(k)["params"]),
+                       out_shardings=frozen_sh["vae"])
+  random_text = jax.jit(
+      lambda k: sharding_lib.unbox(models.text_encoder.init(k, jnp.zeros(ids.shape, ids.dtype))["params"]),
+      out_shardings=frozen_sh["text_encoder"])
+
   def init_state():
     if comp.unet_params is None:
-      init = jax.jit(lambda k, ks: make_state(sharding_lib.unbox(unet_init(k)), ks),
-                     out_shardings=state_sh)
-      return init(k_unet, k_state)
-    params = jax.device_put(comp.unet_params, params_sh)
-    return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,))(params, k_state)
+      return random_init(k_unet, k_state)
+    return state_from_params(jax.device_put(comp.unet_params, params_sh), k_state)
 
   def init_frozen():
     if comp.vae_params is None:
-      vae_params = jax.jit(lambda k: sharding_lib.unbox(vae_init(k)["params"]),
-                           out_shardings=frozen_sh["vae"])(k_vae)
-      text_params = jax.jit(
-          lambda k: sharding_lib.unbox(models.text_encoder.init(k, jnp.zeros(ids.shape, ids.dtype))["params"]),
-          out_shardings=frozen_sh["text_encoder"])(k_text)
+      vae_params, text_params = random_vae(k_vae), random_text(k_text)
     else:
       vae_params = jax.device_put(comp.vae_params, frozen_sh["vae"])
       text_params = jax.device_put(comp.text_params, frozen_sh["text_encoder"])
@@ -290,7 +354,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setu
                               schedule=schedule, cfg=step_config)
   jitted = train_lib.jit_train_step(
       step_fn, state_sh, {k: v.sharding for k, v in batch_shapes.items()}, frozen_sh, mesh)
+  abstract_frozen = {"vae": sharding_lib.unbox(boxed_vae), "text_encoder": sharding_lib.unbox(boxed_text),
+                     "uncond_ids": jax.ShapeDtypeStruct(uncond_ids.shape, jnp.int32)}
   return Setup(mesh, comp, mask, tx, schedule, step_config, abstract_state, state_sh, frozen_sh,
+               abstract_frozen,
                batch_shapes, init_state, init_frozen, jitted)
 
 
@@ -301,45 +368,54 @@ def _produces_latents(config) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Export and samples.
 
-def export_pipeline(setup_: Setup, state: train_lib.TrainState, frozen: PyTree, out_dir: str) -> None:
-  """Writes the EMA UNet + frozen VAE / text encoder in the converted pipeline format."""
+def _pipeline(setup_: Setup, unet_params: PyTree, frozen: PyTree):
   from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   comp = setup_.components
-  ema_full = train_lib.merge(state.params, state.ema_params) if setup_.step_config.ema_decay > 0 \
-      else state.params
+  return pipeline_lib.Pipeline(
+      unet=comp.models.unet, vae=comp.models.vae, text_encoder=comp.models.text_encoder,
+      tokenizer=comp.tokenizer, scheduler_config=dict(comp.scheduler_config),
+      params={"unet": unet_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
+
+
+def ema_unet_params(setup_: Setup, state: train_lib.TrainState) -> PyTree:
+  """Full UNet parameters with the EMA of the trainable leaves (raw weights without EMA)."""
+  if setup_.step_config.ema_decay > 0:
+    return train_lib.merge(state.params, state.ema_params)
+  return state.params
+
+
+def export_pipeline(setup_: Setup, state: train_lib.TrainState, frozen: PyTree, out_dir: str) -> None:
+  """Writes the EMA UNet + frozen VAE / text encoder in the converted pipeline format.
+
+  ``python -m vidrd_jax.sample --config.checkpoint=<out_dir>`` samples from it.
+  """
+  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   gather = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
-  pipeline_lib.save_pipeline(
-      out_dir, unet_config=comp.unet_config, vae_config=comp.vae_config,
-      text_config=comp.text_config, scheduler_config=comp.scheduler_config,
-      tokenizer=comp.tokenizer,
-      params={"unet": gather(ema_full), "vae": gather(frozen["vae"]),
-              "text_encoder": gather(frozen["text_encoder"])})
+  pipe = _pipeline(setup_, gather(ema_unet_params(setup_, state)), gather(frozen))
+  if jax.process_index() == 0:
+    pipeline_lib.save_pipeline(out_dir, pipe, info={"source": "vidrd_jax.train",
+                                                    "step": int(jax.device_get(state.step))},
+                               overwrite=True)
 
 
 def write_samples(config, setup_: Setup, state, frozen, workdir: str, step: int,
                   writer: metrics_lib.MetricWriter) -> None:
   """Long videos from the fixed prompts with the EMA weights -> workdir/samples + TensorBoard."""
-  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.data.video import write_video  # pylint: disable=g-import-not-at-top
   from vidrd_jax.diffusion import long_video  # pylint: disable=g-import-not-at-top
-  comp = setup_.components
-  ema_full = train_lib.merge(state.params, state.ema_params)
-  pipe = pipeline_lib.Pipeline(
-      unet_config=comp.unet_config, vae_config=comp.vae_config, text_config=comp.text_config,
-      scheduler_config=comp.scheduler_config, tokenizer=comp.tokenizer,
-      params={"unet": ema_full, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]})
-  videos = long_video.generate(
-      pipe, list(config.sample_prompts), num_clips=config.sample_clips,
-      num_frames=config.data.frames, num_inference_steps=config.sample_steps,
-      guidance_scale=config.sample_guidance, seed=config.seed)
-  videos = np.asarray(jax.device_get(videos))
+  pipe = _pipeline(setup_, ema_unet_params(setup_, state), frozen)
+  frames = config.data.frames
+  out = long_video.generate(
+      pipe, list(config.sample_prompts), num_clips=config.sample_clips, frames_per_clip=frames,
+      overlap=min(4, frames // 2), num_steps=config.sample_steps,
+      guidance_scale=config.sample_guidance, height=config.data.resolution,
+      width=config.data.resolution, seed=config.seed, mesh=setup_.mesh)
   if jax.process_index() == 0:
-    from vidrd_jax.data.video import write_video  # pylint: disable=g-import-not-at-top
-    out = os.path.join(workdir, "samples", f"step_{step:08d}")
-    os.makedirs(out, exist_ok=True)
-    frames = ((np.clip(videos, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    for i, v in enumerate(frames):
-      write_video(os.path.join(out, f"{i:02d}.mp4"), v, fps=8)
-    writer.write_video(step, "samples", frames)
+    sample_dir = os.path.join(workdir, "samples", f"step_{step:08d}")
+    os.makedirs(sample_dir, exist_ok=True)
+    for i, video in enumerate(out.frames):
+      write_video(os.path.join(sample_dir, f"{i:02d}.mp4"), video, fps=8)
+    writer.write_video(step, "samples", out.frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,20 +425,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) in ``workdir``; returns the final metrics.
 
   Returns:
-    ``{"step", "loss", "grad_norm", "lr", "nan_total", "preempted", "params"?...}``; the last
-    logged values. ``preempted`` is True when the run stopped on SIGTERM.
+    The last logged scalars plus ``step``, ``preempted`` (True when the run stopped on
+    SIGTERM) and ``state`` (the final TrainState).
   """
   if config.distributed and jax.process_count() == 1:
     jax.distributed.initialize()
-  st = setup(config, workdir)
-  mesh = st.mesh
-  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  train_config.check_config(config, train_config.base_config())
+  st = cached_setup(config, workdir)
   n_total = train_lib.count_params(st.abstract_state.params)
   n_train = train_lib.count_params(st.abstract_state.ema_params)
   logging.info("UNet parameters: %d total, %d trainable (%.1f%%)", n_total, n_train,
                100.0 * n_train / max(n_total, 1))
+  export = lambda state, frozen, out: export_pipeline(st, state, frozen, out)
+  sample = lambda state, frozen, step, writer: write_samples(config, st, state, frozen, workdir,
+                                                             step, writer)
+  return run_loop(config, workdir, st, export_fn=export,
+                  sample_fn=sample if config.get("sample_every", 0) > 0 else None)
 
+
+def run_loop(config: ml_collections.ConfigDict, workdir: str, st: Any, *,
+             export_fn: Optional[Callable] = None,
+             sample_fn: Optional[Callable] = None) -> dict[str, Any]:
+  """The training loop shared by UNet and VAE training.
+
+  ``st`` provides ``mesh``, ``abstract_state`` (with shardings), ``init_state()``,
+  ``init_frozen()``, ``batch_shapes``, ``train_step`` (jitted ``(state, batch, frozen) ->
+  (state, metrics)``) and ``components.tokenizer`` (None: no tokenization).
+  """
+  mesh = st.mesh
+  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
       keep_last=config.keep_checkpoints, keep_best=config.keep_best,
@@ -381,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Compile once up front: errors surface before the first batch, and XLA's cost analysis
   # gives the step's FLOPs for MFU.
-  compiled = st.train_step.lower(st.abstract_state, st.batch_shapes, frozen).compile()
+  compiled = st.compiled_step()
   flops = metrics_lib.compiled_flops(compiled)
   peak = metrics_lib.peak_flops_per_device()
 
@@ -439,16 +531,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("preempted at step %d: checkpoint written, stopping", step)
         break
 
-      if config.sample_every > 0 and step % config.sample_every == 0:
-        write_samples(config, st, state, frozen, workdir, step, writer)
+      if sample_fn is not None and step % config.sample_every == 0:
+        sample_fn(state, frozen, step, writer)
 
     if not preempted and step not in ckpt.all_steps():
       loss = float(jax.device_get(step_metrics["loss"])) if step > start_step else float("nan")
       ckpt.save(step, state, data_state=data_it.get_state(),
                 metrics={"loss": loss} if np.isfinite(loss) else None, force=True)
     ckpt.wait()
-    if not preempted and config.export:
-      export_pipeline(st, state, frozen, os.path.join(workdir, "export"))
+    if not preempted and config.export and export_fn is not None:
+      export_fn(state, frozen, os.path.join(workdir, "export"))
   finally:
     watcher.uninstall()
     if bar is not None:

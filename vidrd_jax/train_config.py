@@ -110,10 +110,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
   _common(config)
   config.init_from = ""           # converted pipeline dir (its vae/ is the start point)
   config.model = ml_collections.ConfigDict(dict(
-      vae="tiny",
-      dtype="float32",
-      param_dtype="float32",
-      remat=False,
+      vae="tiny",                 # AutoencoderKLConfig preset (random init only)
+      dtype="float32",            # compute dtype; parameters stay float32
   ))
   config.trainable = r"(^|/)decoder/.*temp_"   # only the decoder's temporal convs
   config.frozen = ""
