@@ -170,10 +170,13 @@ def test_one_compile_for_all_clips_and_settings():
   assert lv.denoise_clip._cache_size() == mid <= before + 1
 
 
-def test_progress_reports_every_step():
+def test_progress_reports():
   seen = []
-  _sample(progress=lambda clip, step: seen.append((clip, step)))
-  assert sorted(seen) == [(c, s) for c in range(3) for s in range(S)]
+  _sample(progress=lambda clip, done: seen.append((clip, done)), progress_every=1)
+  assert sorted(seen) == [(c, s + 1) for c in range(3) for s in range(S)]
+  seen.clear()
+  _sample(progress=lambda clip, done: seen.append((clip, done)), progress_every=3)
+  assert sorted(seen) == [(c, d) for c in range(3) for d in (3, 6, S)]
 
 
 def test_progressive_noise_forms():

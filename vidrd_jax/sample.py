@@ -144,17 +144,19 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
   steps_total = -(-len(prompts) // batch_size) * config.num_clips * config.num_steps
   bar = None
   progress = None
+  batches_done = [0]
   if config.progress:
     # Every host must run the same program, so all of them get the callback; one shows the bar.
     if is_writer:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=steps_total, unit="step", desc="sampling", dynamic_ncols=True)
 
-    def progress(clip, step):  # pylint: disable=function-redefined
-      del step
+    def progress(clip, steps_done):  # pylint: disable=function-redefined
       if bar is not None:
+        # Position within this batch's clips x steps; batches before it are already counted.
+        done = batches_done[0] * config.num_clips * config.num_steps + clip * config.num_steps + steps_done
         bar.set_postfix_str(f"clip {clip + 1}/{config.num_clips}", refresh=False)
-        bar.update(1)
+        bar.update(done - bar.n)
 
   records = []
   for first in range(0, len(prompts), batch_size):
@@ -168,6 +170,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
         seed=config.seed, reference_exact=config.reference_exact, prompt_ids=range(first, first + len(batch)),
         mesh=mesh, progress=progress)
     elapsed = time.time() - t0
+    batches_done[0] += 1
     if not is_writer:
       continue
     for j, prompt in enumerate(batch):

@@ -190,7 +190,8 @@ class ClipSampler:
     stochastic: eta > 0 (draws per-step noise; eta itself stays a traced argument).
     record_frames: how many reversed frames of each z_s to return (M for the next clip's DSG;
       N to inspect the whole trajectory).
-    progress: call the host progress hook after every step (``jax.debug.callback``).
+    progress_every: call the host progress hook with the number of steps done after every
+      ``progress_every`` steps and after the last one (``jax.debug.callback``); 0: never.
   """
   eps_fn: EpsFn
   scheduler: DDIMScheduler
@@ -198,7 +199,7 @@ class ClipSampler:
   use_cfg: bool = True
   stochastic: bool = False
   record_frames: int = 0
-  progress: bool = False
+  progress_every: int = 0
 
   def step_body(self, params, context, guidance_scale, eta, step_keys, clip_index, latents, xs):
     """One DDIM step with DSG and CFG; shared by the scan and the Python loop."""
@@ -225,8 +226,11 @@ class ClipSampler:
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), latents.shape[1:],
                                                    latents.dtype))(step_keys)
     latents = self.scheduler.step(out, t, latents, self.num_steps, eta, noise).prev_sample
-    if self.progress:
-      jax.debug.callback(_progress_tick, clip_index, s)
+    if self.progress_every:
+      # A host round trip per report: only every few steps, so it does not slow sampling.
+      done = s + 1
+      report = (done % self.progress_every == 0) | (done == self.num_steps)
+      jax.lax.cond(report, lambda: jax.debug.callback(_progress_tick, clip_index, done), lambda: None)
     return latents, record
 
   def xs(self, past: jax.Array, dsg_mask: jax.Array):
@@ -289,16 +293,16 @@ _progress_lock = threading.Lock()
 _progress_hook: Optional[Callable[[int, int], None]] = None
 
 
-def _progress_tick(clip, step) -> None:
+def _progress_tick(clip, steps_done) -> None:
   hook = _progress_hook
   if hook is not None:
-    hook(int(clip), int(step))
+    hook(int(clip), int(steps_done))
 
 
 def set_progress_hook(hook: Optional[Callable[[int, int], None]]) -> None:
-  """Installs the host function hook(clip, step) called after every DDIM step.
+  """Installs the host function hook(clip, steps_done) that sampling programs report to.
 
-  Only programs built with ``progress=True`` call it; the callback is asynchronous and costs
+  Only programs built with ``progress_every > 0`` call it; the callback is asynchronous and costs
   one tiny device-to-host transfer per step.
   """
   global _progress_hook
@@ -403,6 +407,7 @@ def sample_long_video(
     record_frames: Optional[int] = None,
     use_scan: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
+    progress_every: Optional[int] = None,
     dtype: Any = jnp.float32,
 ) -> LongVideoLatents:
   """Samples K clips of long-video latents with the VidRD reference's algorithm.
@@ -429,7 +434,8 @@ def sample_long_video(
     mesh: device mesh with a ``data`` axis (default: all devices).
     record_frames: return flip_frames(z_s)[:, :R] of every step and clip (R = this), for analysis.
     use_scan: False runs the steps as a Python loop (same maths; for tests).
-    progress: optional host callback progress(clip, step) after every step.
+    progress: optional host callback progress(clip, steps_done) during each clip.
+    progress_every: report every this many steps (default: about 10 reports per clip).
     dtype: latent dtype.
 
   Returns:
@@ -478,7 +484,8 @@ def sample_long_video(
   keys = jax.random.wrap_key_data(keys)
 
   sampler = ClipSampler(eps_fn=eps_fn, scheduler=scheduler, num_steps=s_steps, use_cfg=use_cfg,
-                        stochastic=eta > 0, record_frames=max(m, record_frames or 0), progress=progress is not None)
+                        stochastic=eta > 0, record_frames=max(m, record_frames or 0),
+                        progress_every=0 if progress is None else (progress_every or max(1, s_steps // 10)))
   run = denoise_clip if use_scan else denoise_clip_loop
   gs = jnp.float32(guidance_scale)
   eta_arr = jnp.float32(eta)
@@ -618,7 +625,7 @@ def generate(
     prompt_ids: per-prompt noise ids (default 0..B-1), see :func:`sample_long_video`.
     temporal_decode: override the temporal-decoding choice (None: as ``reference_exact`` says).
     mesh: device mesh with a ``data`` axis (default: every device).
-    progress: host callback progress(clip, step) after every DDIM step.
+    progress: host callback progress(clip, steps_done), about 10 times per clip.
 
   Returns:
     GenerateOutput(frames uint8 [B, K*N, H, W, 3] | None, latents [B, K, N, h, w, C],
