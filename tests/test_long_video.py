@@ -198,3 +198,13 @@ def test_progressive_noise_forms():
 def test_bad_arguments(bad, match):
   with pytest.raises(ValueError, match=match):
     _sample(**bad)
+
+
+def test_training_mesh_shards_over_data_and_fsdp():
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  devs = np.asarray(jax.devices()[:4]).reshape(1, 2, 2)
+  mesh = Mesh(devs, ("data", "fsdp", "tensor"))
+  assert lv.batch_axes(mesh) == (("data", "fsdp"), 2)
+  out = _sample(mesh=mesh, num_clips=2)
+  ref = _sample(mesh=lv.make_data_mesh(jax.devices()[:1]), num_clips=2)
+  assert_close(out.latents, ref.latents)

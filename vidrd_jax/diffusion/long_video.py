@@ -46,6 +46,8 @@ PyTree = Any
 EpsFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
 
 DATA_AXIS = "data"
+# Mesh axes the prompt batch is split over when present (a training mesh's data and fsdp axes).
+BATCH_MESH_AXES = ("data", "fsdp")
 FRAME_AXIS = 1  # video latents are [B, F, h, w, C]
 
 
@@ -363,6 +365,14 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def batch_axes(mesh: Mesh) -> tuple[tuple[str, ...], int]:
+  """The mesh axes prompts are sharded over and how many shards that makes."""
+  names = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+  if not names:
+    raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_MESH_AXES} to shard prompts over")
+  return names, int(np.prod([mesh.shape[a] for a in names]))
+
+
 def _put(x: Any, mesh: Mesh, spec: P) -> jax.Array:
   """Places a value every process holds in full onto ``mesh`` with ``spec``."""
   sharding = NamedSharding(mesh, spec)
@@ -371,6 +381,10 @@ def _put(x: Any, mesh: Mesh, spec: P) -> jax.Array:
   # Multi-host: each process fills only its own devices' shards from its full host copy.
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _on_mesh(x: Any, mesh: Mesh) -> bool:
+  return isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -431,7 +445,8 @@ def sample_long_video(
     clip_noise: optional standard-normal fresh noise [B, K-1, N, h, w, C] for clips 1..K-1;
       frames j >= M are scaled by 1/sqrt(1+alpha^2) (PNS), frames j < M are unused.
     progressive_reference_exact: see :func:`progressive_noise`.
-    mesh: device mesh with a ``data`` axis (default: all devices).
+    mesh: device mesh; prompts are split over its ``data`` and ``fsdp`` axes (default: a 1-D
+      ``data`` mesh over all devices).
     record_frames: return flip_frames(z_s)[:, :R] of every step and clip (R = this), for analysis.
     use_scan: False runs the steps as a Python loop (same maths; for tests).
     progress: optional host callback progress(clip, steps_done) during each clip.
@@ -455,7 +470,7 @@ def sample_long_video(
     raise ValueError("guidance_scale > 1 needs negative_context (the unconditional embeddings)")
 
   mesh = make_data_mesh() if mesh is None else mesh
-  ndev = mesh.shape[DATA_AXIS]
+  axes_b, ndev = batch_axes(mesh)
   padded = -(-batch // ndev) * ndev
 
   def pad(x, axis=0):
@@ -466,7 +481,7 @@ def sample_long_video(
     idx = np.concatenate([np.arange(batch), np.full(padded - batch, batch - 1)])
     return jnp.take(x, idx, axis=axis) if isinstance(x, jax.Array) else np.take(x, idx, axis=axis)
 
-  batch_spec = P(DATA_AXIS)
+  batch_spec = P(axes_b)
   if use_cfg:
     neg = np.asarray(negative_context) if not isinstance(negative_context, jax.Array) else negative_context
     neg = jnp.broadcast_to(neg, context.shape) if neg.shape[0] == 1 else neg
@@ -474,7 +489,8 @@ def sample_long_video(
   else:
     pair = jnp.asarray(context)[:, None]
   pair = _put(pad(pair).astype(dtype), mesh, batch_spec)
-  params = jax.tree.map(lambda x: _put(x, mesh, P()), params)
+  # Parameters already laid out on this mesh (e.g. FSDP-sharded in training) stay as they are.
+  params = jax.tree.map(lambda x: x if _on_mesh(x, mesh) else _put(x, mesh, P()), params)
   ids = np.arange(batch) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
   if ids.shape != (batch,) or (ids < 0).any():
     raise ValueError(f"prompt_ids must be {batch} non-negative integers, got {prompt_ids!r}")
@@ -498,7 +514,7 @@ def sample_long_video(
   prev_init = None
   # The first clip has no past (its DSG mask is all False); zeros keep the program's signature.
   past = jnp.zeros((s_steps, padded, sampler.record_frames) + tuple(latent_shape), dtype,
-                   device=NamedSharding(mesh, P(None, DATA_AXIS)))
+                   device=NamedSharding(mesh, P(None, axes_b)))
   for clip in range(k):
     # Every clip's draws come from its own tags, so clip i's noise does not depend on K.
     if clip == 0:
@@ -624,7 +640,8 @@ def generate(
       decodes each clip with the temporal decoder over its N frames (the paper's intent).
     prompt_ids: per-prompt noise ids (default 0..B-1), see :func:`sample_long_video`.
     temporal_decode: override the temporal-decoding choice (None: as ``reference_exact`` says).
-    mesh: device mesh with a ``data`` axis (default: every device).
+    mesh: device mesh; prompts are split over its ``data`` and ``fsdp`` axes (default: every
+      device on one ``data`` axis).
     progress: host callback progress(clip, steps_done), about 10 times per clip.
 
   Returns:
@@ -664,14 +681,14 @@ def generate(
   frames = None
   if decode:
     mesh = make_data_mesh() if mesh is None else mesh
-    ndev = mesh.shape[DATA_AXIS]
+    axes_b, ndev = batch_axes(mesh)
     b, k, n = batch, num_clips, frames_per_clip
     flat = sampled.latents.reshape((b, k * n) + latent_shape)
     # Decode sharded like sampling: pad the batch to the device count again (dropped below).
     padded = -(-b // ndev) * ndev
     flat = jnp.concatenate([flat, jnp.repeat(flat[-1:], padded - b, axis=0)]) if padded > b else flat
-    flat = _put(flat, mesh, P(DATA_AXIS))
-    vae_params = jax.tree.map(lambda x: _put(x, mesh, P()), pipe.params["vae"])
+    flat = _put(flat, mesh, P(axes_b))
+    vae_params = jax.tree.map(lambda x: x if _on_mesh(x, mesh) else _put(x, mesh, P()), pipe.params["vae"])
     # Each N-frame clip is decoded as its own clip (chunk_frames=N), as the reference decodes per clip.
     temporal = (not reference_exact) if temporal_decode is None else temporal_decode
     video = pipe.decode_latents(flat, temporal=temporal, chunk_frames=n,
