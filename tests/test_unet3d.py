@@ -9,6 +9,7 @@ Budget: ~1-2 min on 2 CPU cores without the full_size test, which takes ~3 min a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import re
@@ -85,6 +86,25 @@ def test_fresh_unet3d_equals_diffusers_per_frame(cfg):
   err = _rel_err(got, want)
   print(f"fresh UNet3D vs diffusers: max abs err / std = {err:.2e}")
   assert err <= TOL, f"fresh UNet3D vs diffusers: max abs err / std = {err:.2e}"
+
+
+def test_per_frame_norm_makes_fresh_unet3d_sd21_for_every_frame():
+  """frame_pooled_norm=False (and no frame embedding): a fresh UNet3D is SD2.1 frame by frame
+  for a whole video, while the reference-exact default pools statistics and so differs."""
+  cfg = UNet3DConfig.tiny(frame_pooled_norm=False, add_temp_embed=False)
+  unet = _diffusers_unet(cfg, seed=7)
+  params = unet_conv.unet_from_torch(_state_dict(unet), cfg, allow_missing_temporal=True)
+  x, t, ctx = _inputs(2, 3, cfg, seed=8)
+  with torch.no_grad():
+    want = np.stack([unet(x[:, :, j], t[:2], ctx).sample.numpy() for j in range(3)], axis=2)
+  args = (_jax_video(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
+  got = _torch_layout(_apply(cfg)(params, *args))
+  err = _rel_err(got, want)
+  print(f"per-frame-norm fresh UNet3D (F=3) vs diffusers per frame: {err:.2e}")
+  assert err <= TOL, err
+  pooled = dataclasses.replace(cfg, frame_pooled_norm=True)
+  assert _rel_err(_torch_layout(_apply(pooled)(params, *args)), want) > 100 * TOL
+  assert UNet3DConfig.from_diffusers(cfg.to_diffusers()).frame_pooled_norm is False
 
 
 def test_fresh_temporal_layers_are_identity_for_videos():

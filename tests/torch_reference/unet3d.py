@@ -313,7 +313,7 @@ def build_reference_unet3d(
   torch.manual_seed(seed)
   config = {k: v for k, v in diffusers_config.items() if not k.startswith("_")}
   for key in ("add_temp_conv", "add_temp_embed", "add_temp_attn_only_on_upblocks",
-              "add_temp_transformer", "prepend_first_frame", "add_temp_attn"):
+              "add_temp_transformer", "prepend_first_frame", "add_temp_attn", "frame_pooled_norm"):
     config.pop(key, None)
   unet = UNet2DConditionModel(**config)
   model = ReferenceUNet3D(unet, add_temp_conv=add_temp_conv, add_temp_embed=add_temp_embed,

@@ -167,6 +167,8 @@ class ResnetBlock2D(nn.Module):
     dropout: dropout rate before conv2.
     output_scale_factor: the residual sum is divided by this.
     use_conv_shortcut: force a 1x1 shortcut conv (default: only when channels change).
+    per_frame_norm: for [B, F, H, W, C] input, normalise every frame alone instead of
+      pooling GroupNorm statistics over the frames.
   """
   out_channels: Optional[int] = None
   groups: int = 32
@@ -175,6 +177,7 @@ class ResnetBlock2D(nn.Module):
   dropout: float = 0.0
   output_scale_factor: float = 1.0
   use_conv_shortcut: Optional[bool] = None
+  per_frame_norm: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -186,6 +189,13 @@ class ResnetBlock2D(nn.Module):
     in_channels = x.shape[-1]
     out_channels = self.out_channels or in_channels
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    video_shape = None
+    if self.per_frame_norm and x.ndim == 5:
+      # [B, F, H, W, C] -> [B*F, H, W, C]: every frame its own GroupNorm sample.
+      video_shape = x.shape[:2]
+      if temb is not None:
+        temb = jnp.repeat(temb, x.shape[1], axis=0)
+      x = x.reshape((-1,) + x.shape[2:])
 
     h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
     h = nn.silu(h)
@@ -206,6 +216,8 @@ class ResnetBlock2D(nn.Module):
     out = x + h
     if self.output_scale_factor != 1.0:
       out = out / self.output_scale_factor
+    if video_shape is not None:
+      out = out.reshape(video_shape + out.shape[1:])
     return out
 
 

@@ -84,7 +84,7 @@ _UNSUPPORTED_DIFFUSERS_KEYS = {
 # The reference's own UNet3D config keys (VidRD), read by from_diffusers when present.
 _VIDRD_KEYS = (
     "add_temp_conv", "add_temp_embed", "add_temp_attn", "add_temp_attn_only_on_upblocks",
-    "add_temp_transformer", "prepend_first_frame",
+    "add_temp_transformer", "prepend_first_frame", "frame_pooled_norm",
 )
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "dropout", "temp_conv_dropout")
 
@@ -126,6 +126,10 @@ class UNet3DConfig:
     add_temp_transformer: the reference's TransformerTemporalModel after conv_in.
     prepend_first_frame: sparse-causal self-attention (keys/values of frame 0 and of the
       previous frame), the reference's ``prepend_first_frame``.
+    frame_pooled_norm: the resnets' and ``conv_norm_out``'s GroupNorm statistics pool over
+      all frames of a video, as the reference's 5D ``torch.nn.GroupNorm`` does (what the
+      released weights were trained with). False normalises every frame alone, so that a
+      freshly inflated UNet3D (with ``add_temp_embed`` off) is SD2.1 frame by frame for any F.
     dtype: compute dtype. param_dtype: parameter dtype.
     attention_impl: None (auto), "xla", "cudnn" or "splash".
     remat: rematerialise each down/mid/up block in the backward pass.
@@ -163,6 +167,7 @@ class UNet3DConfig:
   add_temp_attn_only_on_upblocks: bool = False
   add_temp_transformer: bool = False
   prepend_first_frame: bool = False
+  frame_pooled_norm: bool = True
   # Runtime.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -547,8 +552,8 @@ class TransformerTemporal(nn.Module):
 def _resnet(cfg: UNet3DConfig, out_channels: int, name: str, scale: float = 1.0):
   return layers.ResnetBlock2D(
       out_channels=out_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-      dropout=cfg.dropout, output_scale_factor=scale, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, name=name)
+      dropout=cfg.dropout, output_scale_factor=scale, per_frame_norm=not cfg.frame_pooled_norm,
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 def _temp_conv(cfg: UNet3DConfig, name: str):
@@ -699,8 +704,11 @@ class UNet3DConditionModel(nn.Module):
       block_skips, skips = skips[-per_block:], skips[:-per_block]
       x = up_cls(cfg, i, train=train, name=f"up_blocks_{i}")(x, block_skips, temb, context)
 
-    # Like the reference's 5D GroupNorm: statistics pooled over the frames of each video.
-    x = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
+    # Like the reference's 5D GroupNorm: statistics pooled over the frames of each video
+    # (unless frame_pooled_norm is off: then [B*F, h, w, C], one frame per sample).
+    norm_out = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)
+    x = norm_out(x) if cfg.frame_pooled_norm else norm_out(
+        x.reshape((-1,) + x.shape[2:])).reshape(x.shape)
     x = nn.silu(x)
     x = layers.conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
     return x.astype(out_dtype)
