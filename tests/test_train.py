@@ -111,9 +111,10 @@ def test_sharded_step_equals_single_device_step(paper_setups):
 
 def test_frozen_params_unchanged_and_stateless(paper_setups):
   _, st8, _, batch = paper_setups
-  # Two steps: zero-initialised output layers (temporal attention to_out, last temporal conv)
-  # block the gradient of the layers before them until they have moved once.
-  before, new, metrics = _run_step(st8, batch, steps=2)
+  # Three steps: the warmup starts at lr 0, and zero-initialised output layers (temporal
+  # attention to_out, last temporal conv) block the gradient of the layers before them until
+  # they have moved once.
+  before, new, metrics = _run_step(st8, batch, steps=3)
   assert metrics["finite"] == 1.0
   mask = _flat(st8.mask)
   old, cur = _flat(before.params), _flat(jax.device_get(new.params))

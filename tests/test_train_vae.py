@@ -52,9 +52,9 @@ def test_step_moves_only_decoder_temporal_convs(tmp_path):
   disc_before = _flat(jax.device_get(state.disc_params))
   video = np.random.default_rng(0).uniform(-1, 1, (8, 2, 16, 16, 3)).astype(np.float32)
   batch = sharding.shard_batch({"video": video}, st.mesh)
-  # Two steps: the zero-initialised last conv of each temporal layer blocks the gradient of the
-  # layers before it until it has moved once.
-  for _ in range(2):
+  # Three steps: the warmup starts at lr 0, and the zero-initialised last conv of each temporal
+  # layer blocks the gradient of the layers before it until it has moved once.
+  for _ in range(3):
     state, metrics = st.train_step(state, batch, st.init_frozen())
   metrics = jax.device_get(metrics)
   assert metrics["finite"] == 1.0 and metrics["disc_active"] == 1.0
