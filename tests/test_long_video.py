@@ -187,6 +187,10 @@ def test_progressive_noise_forms():
   assert np.allclose(pyoco.std(0).ravel(), 1.0, atol=0.05)
   np.testing.assert_allclose(ref[:, 1].std(), np.sqrt(0.5 + 0.25), atol=0.05)
   np.testing.assert_array_equal(lv.progressive_noise(n, 0.0), n)
+  # Through the sampler: the first clip's frames are correlated, later clips' new frames too (PNS).
+  z = np.asarray(_sample(noise_alpha=3.0).initial_noise)
+  corr = np.corrcoef(z[:, 0, 0].ravel(), z[:, 0, 1].ravel())[0, 1]
+  assert corr > 0.8, corr  # a / sqrt(1 + a^2) / std ratio ~ 0.95
 
 
 @pytest.mark.parametrize("bad, match", [

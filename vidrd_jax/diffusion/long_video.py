@@ -610,6 +610,7 @@ def generate(
     reference_exact: bool = False,
     *,
     prompt_ids: Optional[Sequence[int]] = None,
+    progressive_reference_exact: bool = True,
     temporal_decode: Optional[bool] = None,
     mesh: Optional[Mesh] = None,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -639,6 +640,8 @@ def generate(
     reference_exact: decode every frame alone, as the released reference does; False (default)
       decodes each clip with the temporal decoder over its N frames (the paper's intent).
     prompt_ids: per-prompt noise ids (default 0..B-1), see :func:`sample_long_video`.
+    progressive_reference_exact: the reference's progressive-noise variance (True) or PYoCo's
+      unit-variance form (False), see :func:`progressive_noise`.
     temporal_decode: override the temporal-decoding choice (None: as ``reference_exact`` says).
     mesh: device mesh; prompts are split over its ``data`` and ``fsdp`` axes (default: every
       device on one ``data`` axis).
@@ -676,7 +679,8 @@ def generate(
       noise_recycle=noise_recycle, staged_guidance_strength=staged_guidance, noise_alpha=noise_alpha,
       num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, seed=seed, prompt_ids=prompt_ids,
       init_latents=init_latents,
-      clip_noise=clip_noise, mesh=mesh, progress=progress, dtype=dtype)
+      clip_noise=clip_noise, progressive_reference_exact=progressive_reference_exact, mesh=mesh,
+      progress=progress, dtype=dtype)
 
   frames = None
   if decode:
