@@ -21,8 +21,9 @@ offers both forms (:func:`progressive_noise`).
 Execution: one clip's S steps are one ``lax.scan`` inside one ``jit``; CFG is one UNet call
 on the interleaved [uncond, cond] batch; guidance scale, eta, alpha, the DSG schedule and the
 previous clip's trajectory are all arguments, so K clips (and any settings that keep shapes)
-reuse one compiled program. Prompts are sharded over the ``data`` axis of a 1-D device mesh
-(padded to the device count, un-padded on return).
+reuse one compiled program. Prompts are sharded over the ``data`` (and ``fsdp``) axes of the
+device mesh, padded to the shard count and un-padded on return; prompt b's noise comes from
+fold_in(key(seed), prompt_ids[b]), so a video does not depend on its batch or the devices.
 """
 
 from __future__ import annotations
