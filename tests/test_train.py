@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vidrd_jax import pipeline
 from vidrd_jax import train
 from vidrd_jax import train_config
 from vidrd_jax import train_lib
@@ -153,8 +154,15 @@ def test_kill_and_resume_matches_uninterrupted_run(paper_setups, tmp_path):
   config = config.copy_and_resolve_references()
   config.checkpoint_every = 100
   config.num_steps = 6  # the schedule's length is fixed by optimizer.decay_steps
+  config.export = True  # loop-only field: same compiled step
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
   assert full["step"] == 6 and not full["preempted"]
+  config.export = False
+  # The export is a pipeline directory holding the EMA weights.
+  pipe = pipeline.load_pipeline(str(tmp_path / "full" / "export"))
+  ema = train_lib.merge(jax.device_get(full["state"].params), jax.device_get(full["state"].ema_params))
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(jax.device_get(pipe.params["unet"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   resumed_dir = str(tmp_path / "resumed")
   config.preempt_at_step = 3
@@ -215,3 +223,5 @@ def test_bad_configs_fail_before_compiling(tmp_path):
 def test_every_config_file_is_complete():
   for name in ("tiny_cpu", "gpu", "tpu_v4", "tpu_v5e"):
     train_config.check_config(load_config(name), train_config.base_config())
+  for name in ("vae_tiny_cpu", "vae_tpu_v4"):
+    train_config.check_config(load_config(name), train_config.vae_base_config())

@@ -488,7 +488,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, st: Any, *,
   last: dict[str, Any] = {"step": start_step}
   preempted = False
   t_last, steps_since = time.perf_counter(), 0
-  step = start_step
+  step = last_saved = start_step
   try:
     while step < config.num_steps:
       batch = next(data_it)
@@ -525,8 +525,9 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, st: Any, *,
       preempted = watcher.preempted or ckpt.reached_preemption(step)
       if preempted or ckpt.should_save(step):
         loss = float(jax.device_get(step_metrics["loss"]))
-        ckpt.save(step, state, data_state=data_it.get_state(), metrics={"loss": loss},
-                  force=preempted)
+        ckpt.save(step, state, data_state=data_it.get_state(),
+                  metrics={"loss": loss} if np.isfinite(loss) else None, force=preempted)
+        last_saved = step
       if preempted:
         logging.warning("preempted at step %d: checkpoint written, stopping", step)
         break
@@ -534,7 +535,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, st: Any, *,
       if sample_fn is not None and step % config.sample_every == 0:
         sample_fn(state, frozen, step, writer)
 
-    if not preempted and step not in ckpt.all_steps():
+    if not preempted and last_saved != step:
       loss = float(jax.device_get(step_metrics["loss"])) if step > start_step else float("nan")
       ckpt.save(step, state, data_state=data_it.get_state(),
                 metrics={"loss": loss} if np.isfinite(loss) else None, force=True)
