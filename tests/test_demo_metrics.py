@@ -111,3 +111,46 @@ def test_detector_bad_input():
     detector.detect(np.zeros((2, 16, 16, 3), np.float32), colors=("purple",))
   with pytest.raises(ValueError, match="targets"):
     metrics.caption_following([np.zeros((2, 16, 16, 3))], [])
+
+
+# ------------------------------------------------------------------ the demo's own helpers
+# (The full demo trains for minutes; its --quick smoke run needs ~3 CPU-minutes of compiling,
+# over this file's budget, so it is exercised by bench/bench_demo.py --quick instead.)
+
+
+def test_demo_prompts_are_held_out(tmp_path):
+  from vidrd_jax import demo
+  config = demo.load_config(demo.DEFAULT_CONFIG, quick=False)
+  options = demo.synthetic_options(config)
+  targets, source = demo.heldout_targets(config, demo.DemoSettings())
+  train = SyntheticVideoSource(10, 8, 32, **options)
+  held = {t for t in train.holdout}
+  assert len(targets) == len(held) > 0
+  for t in targets:
+    assert (t["color"], t["shape"], t["direction"]) in held
+    assert t["caption"] == source.caption(t)
+  # Real renders of the demo's targets are read back exactly by the detector.
+  videos = [source.render({**t, "speed": 0.08, "x0": 0.3, "y0": 0.6}, frames=16) for t in targets]
+  result = metrics.caption_following(videos, targets, source.colors, source.shapes,
+                                     source.directions)
+  assert result["all_correct"] == 1.0
+
+
+def test_demo_loss_curve_and_strip(tmp_path):
+  from PIL import Image
+  from vidrd_jax import demo
+  work = tmp_path / "work"
+  work.mkdir()
+  # A resumed run logs steps 20..30 twice; an interrupted write leaves a broken last line.
+  lines = [f'{{"step": {s}, "loss": {1.0 / s}}}' for s in (10, 20, 30)]
+  lines += [f'{{"step": {s}, "loss": {2.0 / s}}}' for s in (20, 30, 40)] + ['{"step": 5']
+  (work / "metrics.jsonl").write_text("\n".join(lines))
+  steps, losses = demo.read_loss_curve(str(work))
+  np.testing.assert_array_equal(steps, [10, 20, 30, 40])
+  np.testing.assert_allclose(losses, [0.1, 0.1, 2 / 30, 0.05])
+  demo.save_loss_curve(str(tmp_path / "loss.png"), steps, losses)
+  assert Image.open(tmp_path / "loss.png").size[0] > 100
+  video = np.zeros((16, 32, 32, 3), np.uint8)
+  demo.save_strip(str(tmp_path / "strip.png"), "a title", [("a", video), ("b", video)], 8, zoom=2)
+  w, h = Image.open(tmp_path / "strip.png").size
+  assert w == 150 + 16 * 64 + 2 and h == 18 + 2 * (64 + 4)
