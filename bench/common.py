@@ -342,8 +342,9 @@ def contention_note() -> str:
   cores = os.cpu_count() or 1
   if one > 0.5 * cores:
     return (f"**Measured under contention** (1-min load {one:.2f} on {cores} cores at the end of the run): "
-            "absolute times are inflated and PyTorch's spinning OpenMP threads suffer more from "
-            "oversubscription than XLA's thread pool, so ratios favour us; the text says how runs were ordered.")
+            "absolute times are inflated and PyTorch's spinning OpenMP threads may suffer more from "
+            "oversubscription than XLA's thread pool (not verified), so ratios may favour us; the text "
+            "says how runs were ordered.")
   return ""
 
 
