@@ -28,4 +28,4 @@ demo: $(STAMP)
 	$(PY) -m vidrd_jax.demo --out=demo_out
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 --dist=loadfile
+	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=15
