@@ -55,11 +55,17 @@ def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentPars
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--torch-threads", type=int, default=2)
+  p.add_argument("--omp-active", action="store_true",
+                 help="keep OpenMP's spinning wait (PyTorch's default); by default the benchmarks set "
+                      "OMP_WAIT_POLICY=PASSIVE, without which PyTorch loses 2x on a shared 2-core machine")
   p.add_argument("--no-append", action="store_true", help="print only; do not touch BENCHMARKS.md")
   p.add_argument("--note", default="", help="free text added to the BENCHMARKS.md section")
   if extra is not None:
     extra(p)
   args = p.parse_args(argv)
+  if not args.omp_active:
+    # Must be set before torch loads its OpenMP runtime (the bench scripts import torch later).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   if args.device == "cpu":
