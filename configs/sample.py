@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Execution.
   config.batch_size = 0           # prompts per batch; 0: one per device
-  config.dtype = ""               # compute dtype: "" (as the checkpoint says), float32, bfloat16, float16
+  config.dtype = ""               # compute dtype: "" (bf16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16
   config.attention_impl = ""      # "" (auto), xla, cudnn, splash
   config.progress = True          # tqdm bar over clips x steps
   config.distributed = "auto"     # jax.distributed.initialize(): auto (multi-host env), true, false
