@@ -85,7 +85,7 @@ class DemoSettings:
 
 
 def quick_settings() -> DemoSettings:
-  """A smoke run in about a minute: everything exercised, nothing learned."""
+  """A smoke run (a few CPU-minutes, mostly compiling): everything exercised, nothing learned."""
   return DemoSettings(vae_steps=20, num_steps=4,
                       max_prompts=2, detector_clips=8)
 
@@ -577,9 +577,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--quick", action="store_true", help="smoke run: a few steps of everything")
   p.add_argument("--fresh", action="store_true", help="discard earlier training and start over")
   p.add_argument("--config", default=DEFAULT_CONFIG, help="training config file")
+  # Sampling settings; changing them and re-running reuses the trained model.
+  p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance")
+  p.add_argument("--num_steps", type=int, default=None, help="DDIM steps")
+  p.add_argument("--seeds", default=None, help="comma-separated seeds: one video per prompt each")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
-  run(args.out, quick=args.quick, fresh=args.fresh, config_path=args.config)
+  settings = quick_settings() if args.quick else DemoSettings()
+  if args.guidance_scale is not None:
+    settings.guidance_scale = args.guidance_scale
+  if args.num_steps is not None:
+    settings.num_steps = args.num_steps
+  if args.seeds:
+    settings.seeds = tuple(int(x) for x in args.seeds.split(","))
+  run(args.out, quick=args.quick, fresh=args.fresh, config_path=args.config, settings=settings)
   return 0
 
 
