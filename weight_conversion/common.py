@@ -7,7 +7,7 @@ Flax parameter dicts of NumPy arrays. Nothing here runs code from a checkpoint f
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -48,6 +48,30 @@ def check_state_dict(
     problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched))
   if problems:
     raise ConversionError(f"{what} checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def convert_components(
+    converters: Mapping[str, Callable[[], dict]], log: Callable[[str], None] = print) -> dict:
+  """Runs every component's converter and reports all their problems together.
+
+  Args:
+    converters: {"unet": fn, "vae": fn, ...}, each returning that component's Flax params.
+    log: progress messages.
+
+  Raises:
+    ConversionError: the messages of every component that failed, so one run shows the
+      whole list of bad keys rather than the first component's.
+  """
+  params, errors = {}, []
+  for name, fn in converters.items():
+    log(f"converting {name}")
+    try:
+      params[name] = fn()
+    except ConversionError as e:
+      errors.append(str(e))
+  if errors:
+    raise ConversionError("\n".join(errors))
+  return params
 
 
 def flatten(params: Mapping, sep: str = "/") -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from weight_conversion import ldm, torch_io
-from weight_conversion.common import ConversionError
+from weight_conversion.common import ConversionError, convert_components
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = ("float32", "bfloat16")
@@ -211,17 +211,11 @@ def convert_sd(
     source_kind = "ldm-single-file"
 
   # Every component is checked before anything is written; all problems are reported together.
-  params, errors = {}, []
-  for name, fn in (("unet", lambda: unet_params_from_sd2(unet_sd, unet_cfg, log)),
-                   ("vae", lambda: vae_from_torch(vae_sd, vae_cfg)),
-                   ("text_encoder", lambda: text_encoder_from_torch(text_sd, text_cfg))):
-    log(f"converting {name}")
-    try:
-      params[name] = fn()
-    except ConversionError as e:
-      errors.append(str(e))
-  if errors:
-    raise ConversionError("\n".join(errors))
+  params = convert_components({
+      "unet": lambda: unet_params_from_sd2(unet_sd, unet_cfg, log),
+      "vae": lambda: vae_from_torch(vae_sd, vae_cfg),
+      "text_encoder": lambda: text_encoder_from_torch(text_sd, text_cfg),
+  }, log)
   params = cast_params(params, dtype)
   scheduler_config = pipeline_lib.ddim_scheduler_config(scheduler_src,
                                                         prediction_type=prediction_type)

@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 from weight_conversion import torch_io
-from weight_conversion.common import ConversionError
+from weight_conversion.common import ConversionError, convert_components
 from weight_conversion.convert_sd import (DTYPES, Log, _stderr, _summarise_names, add_export_arguments,
                                           cast_params, summarise)
 
@@ -121,17 +121,11 @@ def convert_vidrd(
     notes.append("VAE config lacks add_temp_conv but the weights have temporal convs: "
                  "temporal decoder enabled")
 
-  params, errors = {}, []
-  for name, fn in (("unet", lambda: unet_from_torch(parts["unet"], unet_cfg)),
-                   ("vae", lambda: vae_from_torch(vae_sd, vae_cfg)),
-                   ("text_encoder", lambda: text_encoder_from_torch(text_sd, text_cfg))):
-    log(f"converting {name}")
-    try:
-      params[name] = fn()
-    except ConversionError as e:
-      errors.append(str(e))
-  if errors:
-    raise ConversionError("\n".join(errors))
+  params = convert_components({
+      "unet": lambda: unet_from_torch(parts["unet"], unet_cfg),
+      "vae": lambda: vae_from_torch(vae_sd, vae_cfg),
+      "text_encoder": lambda: text_encoder_from_torch(text_sd, text_cfg),
+  }, log)
   params = cast_params(params, dtype)
 
   scheduler_path = os.path.join(sd_dir, pipeline_lib.SCHEDULER_FILE)
