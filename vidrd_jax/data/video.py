@@ -86,8 +86,17 @@ class _Container:
 
 
 def _open(path: str) -> _Container:
-  """Opens a local path or any etils.epath URL (gs:// needs gcsfs or tensorflow installed)."""
-  return _Container(path)
+  """Opens a local path or any etils.epath URL (gs:// needs gcsfs or tensorflow installed).
+
+  Raises:
+    SkipRecord: the file is missing or cannot be opened (any opener error becomes "unreadable").
+  """
+  try:
+    return _Container(path)
+  except SkipRecord:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
 
 
 def decode_clip(
@@ -118,12 +127,7 @@ def decode_clip(
   Raises:
     SkipRecord: missing, unreadable or too short video.
   """
-  try:
-    handle = _open(path)
-  except SkipRecord:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  handle = _open(path)
   try:
     with handle as container:
       return _decode(container, path, num_frames, resolution, rng, fps, stride, start, end)
@@ -232,12 +236,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 25.0, codec: str = "
 
 def probe(path: str) -> tuple[float, float]:
   """(duration in seconds, native fps) of a video; raises SkipRecord if unreadable."""
-  try:
-    handle = _open(path)
-  except SkipRecord:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  handle = _open(path)
   with handle as container:
     if not container.streams.video:
       raise SkipRecord("unreadable", path, "no video stream")
@@ -259,12 +258,7 @@ def probe(path: str) -> tuple[float, float]:
 
 def frames_at(path: str, times: list[float]) -> list[np.ndarray]:
   """Full-size uint8 [H, W, 3] frames nearest to each of the sorted `times` (seconds)."""
-  try:
-    handle = _open(path)
-  except SkipRecord:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise SkipRecord("unreadable", path, f"{type(e).__name__}: {e}") from None
+  handle = _open(path)
   out = []
   try:
     with handle as container:
