@@ -36,6 +36,7 @@ def _extra(p):
   p.add_argument("--batch", type=int, default=2, help="inference batch (2 = one video with CFG)")
   p.add_argument("--latent", type=int, default=32, help="latent height = width")
   p.add_argument("--channels", default=None, help="comma-separated block_out_channels override")
+  p.add_argument("--train-batch", type=int, default=1, help="batch of the forward+backward pass")
   p.add_argument("--no-train", action="store_true", help="skip forward+backward")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
   p.add_argument("--attention", default=None, help="attention_impl for ours (default: auto)")
@@ -149,8 +150,11 @@ def main():
 
   # -------------------------------------------------------- forward+backward (training shape)
   if not args.no_train:
-    bt = 1
-    x_tr, c_tr, t_tr = j_lat[:bt], j_ctx[:bt], j_t[:bt]
+    bt = args.train_batch
+    # Tile the inference inputs when the training batch is the larger one.
+    reps = -(-bt // b)
+    tile = lambda a: jnp.concatenate([a] * reps)[:bt]
+    x_tr, c_tr, t_tr = tile(j_lat), tile(j_ctx), tile(j_t)
     if jdt != jnp.float32:
       x_tr, c_tr = x_tr.astype(jdt), c_tr.astype(jdt)
 
@@ -167,7 +171,8 @@ def main():
       # Training in torch: float32 master weights with autocast on GPU, float32 on CPU.
       ref_train = ref.float()
       ref_train.train(False)  # dropout off on both sides (deterministic comparison)
-      tl, tc, tt = t_lat[:bt].float(), t_ctx[:bt].float(), t_t[:bt]
+      ttile = lambda a: torch.cat([a] * reps)[:bt]
+      tl, tc, tt = ttile(t_lat).float(), ttile(t_ctx).float(), ttile(t_t)
 
       def torch_step():
         ref_train.zero_grad(set_to_none=True)

@@ -213,7 +213,9 @@ class UNet3DConfig:
         if self.add_temp_conv and c % 32:
           problems.append(
               f"block_out_channels[{i}]={c} not divisible by 32 (TemporalConvLayer's groups)")
-        if c % self.heads(i):
+        if self.heads(i) < 1:
+          problems.append(f"attention_head_dim at level {i} is {self.heads(i)} (need >= 1 head)")
+        elif c % self.heads(i):
           problems.append(f"block_out_channels[{i}]={c} not divisible by {self.heads(i)} heads")
     if self.add_temp_transformer and self.block_out_channels[0] % 32:
       problems.append("add_temp_transformer needs block_out_channels[0] divisible by 32")
