@@ -71,6 +71,9 @@ class DemoSettings:
   # Stage 2: the UNet3D (overrides of UNet3DConfig.tiny).
   unet_channels: tuple[int, ...] = (32, 64)
   unet_heads: int = 2
+  # Small non-zero start of the temporal layers' output projections (UNet3DConfig's
+  # temporal_init_scale; 0 is the paper's zero init, meant for inflating a pretrained SD).
+  temporal_init_scale: float = 0.0
   # Stage 3: sampling.
   num_clips: int = 4
   overlap: int = 4                    # M
@@ -247,10 +250,11 @@ def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out
   text_cfg = text_lib.CLIPTextConfig.tiny()
   unet_cfg = unet3d.UNet3DConfig.tiny(
       block_out_channels=tuple(settings.unet_channels), attention_head_dim=settings.unet_heads,
-      norm_num_groups=settings.norm_groups,
+      norm_num_groups=settings.norm_groups, temporal_init_scale=settings.temporal_init_scale,
       cross_attention_dim=text_cfg.hidden_size, sample_size=config.data.resolution // vae_cfg.downsample_factor)
   k_unet, k_text = jax.random.split(jax.random.PRNGKey(seed + 2))
-  unet_params = nn_unbox(unet3d.init_params(unet_cfg, k_unet))
+  # Jitted: op-by-op initialisation of the UNet3D on CPU takes tens of seconds.
+  unet_params = jax.jit(lambda k: nn_unbox(unet3d.init_params(unet_cfg, k)))(k_unet)
   ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
   text_params = nn_unbox(text_lib.CLIPTextModel(text_cfg).init(k_text, ids)["params"])
   scheduler = pipeline_lib.ddim_scheduler_config(prediction_type=config.model.prediction_type)

@@ -33,6 +33,22 @@ Padding = Union[int, Sequence[Tuple[int, int]]]
 TORCH_NORM_EPS = 1e-5
 
 
+def _kernel_init(zero_init: bool, zero_init_scale: float = 0.0):
+  """LeCun normal; with ``zero_init`` zeros, or LeCun normal x ``zero_init_scale`` when that is > 0.
+
+  The small non-zero start is for layers that are zero-initialised so that inflating a pretrained
+  model starts at the identity, when a model is trained from scratch instead: a zero output
+  projection gives the layers before it no gradient until it has grown.
+  """
+  if not zero_init:
+    return nn.initializers.lecun_normal()
+  if zero_init_scale < 0:
+    raise ValueError(f"zero_init_scale must be >= 0, got {zero_init_scale}")
+  if zero_init_scale == 0:
+    return nn.initializers.zeros_init()
+  return nn.initializers.variance_scaling(zero_init_scale ** 2, "fan_in", "truncated_normal")
+
+
 def conv(
     features: int,
     kernel_size: Sequence[int],
@@ -40,13 +56,18 @@ def conv(
     strides: Optional[Sequence[int]] = None,
     padding: Any = "SAME",
     zero_init: bool = False,
+    zero_init_scale: float = 0.0,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: Optional[str] = None,
 ) -> nn.Conv:
-  """A channels-last conv whose kernel is [*taps, C_in, C_out] with logical axis names."""
+  """A channels-last conv whose kernel is [*taps, C_in, C_out] with logical axis names.
+
+  ``zero_init`` starts the kernel at zero, or, with ``zero_init_scale > 0``, small: LeCun
+  normal times that factor (see :func:`_kernel_init`).
+  """
   taps = (axes.KERNEL_SPATIAL,) * len(kernel_size)
-  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  kernel_init = _kernel_init(zero_init, zero_init_scale)
   return nn.Conv(
       features,
       kernel_size=tuple(kernel_size),
@@ -67,12 +88,16 @@ def dense(
     *,
     use_bias: bool = True,
     zero_init: bool = False,
+    zero_init_scale: float = 0.0,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: Optional[str] = None,
 ) -> nn.Dense:
-  """A dense layer ([in, out] kernel) with logical axis names on kernel and bias."""
-  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  """A dense layer ([in, out] kernel) with logical axis names on kernel and bias.
+
+  ``zero_init`` / ``zero_init_scale``: as for :func:`conv`.
+  """
+  kernel_init = _kernel_init(zero_init, zero_init_scale)
   return nn.Dense(
       features,
       use_bias=use_bias,
@@ -285,6 +310,9 @@ class TemporalConvLayer(nn.Module):
     dropout: dropout rate (the reference hard-codes 0.1).
     num_groups: GroupNorm groups (the reference always uses 32).
     eps: GroupNorm epsilon (torch default 1e-5).
+    zero_init_last: start the last conv at zero (the identity), as the reference does.
+    last_init_scale: with ``zero_init_last``, > 0 starts the last conv small instead (LeCun
+      normal x this factor), for training from scratch.
   """
   out_channels: Optional[int] = None
   num_layers: int = 4
@@ -292,6 +320,7 @@ class TemporalConvLayer(nn.Module):
   num_groups: int = 32
   eps: float = TORCH_NORM_EPS
   zero_init_last: bool = True
+  last_init_scale: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -319,7 +348,8 @@ class TemporalConvLayer(nn.Module):
       # Conv over frames only: kernel [3, 1, 1, C_in, C_out] on [B, F, H, W, C].
       h = conv(
           next_dim, (3, 1, 1), padding=((1, 1), (0, 0), (0, 0)),
-          zero_init=last and self.zero_init_last, name=f"convs_{4 * i + 3}", **kw)(h)
+          zero_init=last and self.zero_init_last, zero_init_scale=self.last_init_scale,
+          name=f"convs_{4 * i + 3}", **kw)(h)
       prev_dim, next_dim = next_dim, prev_dim
     del prev_dim
     return x + h
@@ -338,6 +368,8 @@ class Attention(nn.Module):
     upcast: scores and softmax in float32 (diffusers ``upcast_attention``).
     implementation: see :func:`vidrd_jax.models.attention.dot_product_attention`.
     zero_init_out: start ``to_out_0`` at zero (VidRD's temporal attention).
+    out_init_scale: with ``zero_init_out``, > 0 starts ``to_out_0`` small instead (LeCun
+      normal x this factor), for training from scratch.
   """
   heads: int
   head_dim: int
@@ -345,6 +377,7 @@ class Attention(nn.Module):
   upcast: bool = False
   implementation: Optional[str] = None
   zero_init_out: bool = False
+  out_init_scale: float = 0.0
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -389,7 +422,7 @@ class Attention(nn.Module):
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(
         self.out_features or x.shape[-1], axes.HEADS, axes.EMBED, zero_init=self.zero_init_out,
-        name="to_out_0", **kw)(out)
+        zero_init_scale=self.out_init_scale, name="to_out_0", **kw)(out)
 
 
 def _first_and_previous_frame(t: jax.Array, num_frames: int) -> jax.Array:

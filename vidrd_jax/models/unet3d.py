@@ -86,7 +86,8 @@ _VIDRD_KEYS = (
     "add_temp_conv", "add_temp_embed", "add_temp_attn", "add_temp_attn_only_on_upblocks",
     "add_temp_transformer", "prepend_first_frame", "frame_pooled_norm",
 )
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "dropout", "temp_conv_dropout")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "dropout", "temp_conv_dropout",
+                   "temporal_init_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,13 @@ class UNet3DConfig:
     remat: rematerialise each down/mid/up block in the backward pass.
     dropout: dropout of resnets, attention outputs and feed-forwards (diffusers ``dropout``).
     temp_conv_dropout: dropout inside TemporalConvLayer (the reference hard-codes 0.1).
+    temporal_init_scale: initialisation only. 0 (the paper's, default): the output projections
+      of the temporal layers (TemporalConvLayer's last conv, temporal attention's ``to_out_0``,
+      the temporal transformer's ``proj_out``) start at zero, so a UNet3D inflated from a
+      pretrained SD starts as SD frame by frame. > 0: they start as LeCun normal x this factor,
+      for a model trained from scratch (the CPU demo), where a zero output projection leaves the
+      temporal layers' other weights without gradient until it has grown. Not saved with the
+      weights (it does not change the architecture).
   """
   sample_size: int = 64
   in_channels: int = 4
@@ -175,6 +183,7 @@ class UNet3DConfig:
   remat: bool = False
   dropout: float = 0.0
   temp_conv_dropout: float = 0.1
+  temporal_init_scale: float = 0.0
 
   def __post_init__(self):
     # Lists (from JSON) -> tuples, so the config stays hashable; 3D names -> 2D names.
@@ -223,6 +232,8 @@ class UNet3DConfig:
       problems.append(f"act_fn={self.act_fn!r} (only silu)")
     if self.dual_cross_attention:
       problems.append("dual_cross_attention=True is not supported")
+    if self.temporal_init_scale < 0:
+      problems.append(f"temporal_init_scale={self.temporal_init_scale} (must be >= 0)")
     if problems:
       raise ValueError("invalid UNet3DConfig: " + "; ".join(problems))
 
@@ -425,6 +436,7 @@ class BasicTransformerBlock(nn.Module):
   add_temp_embed: bool = False
   sparse_causal: bool = False
   dropout: float = 0.0
+  temporal_init_scale: float = 0.0
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -460,7 +472,8 @@ class BasicTransformerBlock(nn.Module):
         t = t + jnp.asarray(pe, t.dtype)[None, :, None, :]
       t = jnp.swapaxes(t, 1, 2).reshape(-1, num_frames, c)  # [(B L), F, C]
       h = layers.LayerNorm(name="temp_norm", **kw)(t)
-      h = layers.Attention(**attn_kw, zero_init_out=True, name="temp_attn")(h)
+      h = layers.Attention(**attn_kw, zero_init_out=True, out_init_scale=self.temporal_init_scale,
+                           name="temp_attn")(h)
       t = drop(h) + t
       t = jnp.swapaxes(t.reshape(bf // num_frames, length, num_frames, c), 1, 2)
       if num_frames > 1:
@@ -507,6 +520,7 @@ class Transformer3D(nn.Module):
         add_temp_embed=cfg.add_temp_embed,
         sparse_causal=cfg.prepend_first_frame,
         dropout=cfg.dropout,
+        temporal_init_scale=cfg.temporal_init_scale,
         attention_impl=cfg.attention_impl,
         name="transformer_blocks_0",
         **kw,
@@ -544,7 +558,8 @@ class TransformerTemporal(nn.Module):
         heads=self.heads, head_dim=self.head_dim, cross_attention=False, dropout=cfg.dropout,
         attention_impl=cfg.attention_impl, name="transformer_blocks_0", **kw,
     )(h, None, num_frames=f, train=train)
-    h = layers.dense(c, axes.EMBED, axes.CONV_OUT, zero_init=True, name="proj_out", **kw)(h)
+    h = layers.dense(c, axes.EMBED, axes.CONV_OUT, zero_init=True,
+                     zero_init_scale=cfg.temporal_init_scale, name="proj_out", **kw)(h)
     # The reference reads its [(B H W), F, C] result back as [B, H, W, C, F] (a reshape, not
     # a transpose); the released weights never used this layer, but keep its exact semantics.
     h = jnp.transpose(h.reshape(b, hh, ww, c, f), (0, 4, 1, 2, 3))
@@ -560,7 +575,8 @@ def _resnet(cfg: UNet3DConfig, out_channels: int, name: str, scale: float = 1.0)
 
 def _temp_conv(cfg: UNet3DConfig, name: str):
   return layers.TemporalConvLayer(
-      dropout=cfg.temp_conv_dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+      dropout=cfg.temp_conv_dropout, last_init_scale=cfg.temporal_init_scale, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, name=name)
 
 
 class DownBlock(nn.Module):
