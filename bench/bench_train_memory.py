@@ -86,7 +86,7 @@ def main():
   compiled = lowered.compile()
   t_compile = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  flops = common.xla_flops(compiled)
+  flops = common.lowered_flops(lowered)
 
   def nbytes(tree):
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vidrd_jax import pipeline
+from vidrd_jax import metrics as metrics_lib
 from vidrd_jax import train
 from vidrd_jax import train_config
 from vidrd_jax import train_lib
@@ -225,3 +226,14 @@ def test_every_config_file_is_complete():
     train_config.check_config(load_config(name), train_config.base_config())
   for name in ("vae_tiny_cpu", "vae_tpu_v4"):
     train_config.check_config(load_config(name), train_config.vae_base_config())
+
+
+def test_step_flops_for_mfu_are_per_device_model_flops(paper_setups):
+  """MFU's FLOPs come from the lowered program, split over the mesh, and match XLA's count."""
+  _, st8, st1, _ = paper_setups
+  f8, f1 = st8.step_flops_per_device(), st1.step_flops_per_device()
+  assert f1 and f8
+  np.testing.assert_allclose(f8 * st8.mesh.size, f1, rtol=1e-6)
+  # On CPU the compiled (optimised) program counts the same convolutions and matmuls.
+  compiled = metrics_lib.compiled_flops(st1.compiled_step())
+  np.testing.assert_allclose(compiled, f1, rtol=0.1)
