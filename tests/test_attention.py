@@ -50,6 +50,28 @@ def test_xla_with_masks_matches_jax_reference():
       attention.dot_product_attention(q, k, v2, mask=mask, implementation="xla")[1])
 
 
+def test_tiles_change_nothing_but_memory_traffic():
+  # The CPU path splits long self-attention into flash-style tiles; values and gradients must
+  # equal the one-block computation (and jax's reference).
+  q, k, v = _qkv(3, b=1, lq=1024, lk=1024, n=2, d=8)
+  blocked = lambda q, k, v: attention._xla_attention(  # pylint: disable=protected-access
+      q, k, v, mask=None, scale=0.35, upcast=True, block=256)
+  whole = lambda q, k, v: attention._xla_attention(  # pylint: disable=protected-access
+      q, k, v, mask=None, scale=0.35, upcast=True, block=None)
+  want = jax.nn.dot_product_attention(q, k, v, scale=0.35, implementation="xla")
+  np.testing.assert_allclose(blocked(q, k, v), want, atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(whole(q, k, v), want, atol=2e-6, rtol=1e-5)
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
+  g_blocked = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=0.35, implementation="xla")), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_blocked, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # The jitted blocked program holds no [B, N, Lq, Lk] buffer, only per-block scores.
+  hlo = jax.jit(blocked).lower(q, k, v).as_text()
+  assert "1x2x1024x1024" not in hlo and "1x2x256x256" in hlo
+
+
 def test_upcast_in_bfloat16():
   # Large logits: bf16 scores lose the ordering of nearly equal keys; upcast keeps float32.
   q, k, v = _qkv(2, d=64, dtype=jnp.bfloat16)

@@ -24,17 +24,62 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
-def _xla_attention(q, k, v, *, mask, scale, upcast):
+# On CPU, the [B, N, Lq, Lk] scores of a long self-attention (8 x 2 x 1024^2 floats = 64 MiB
+# at the VidRD shape) cost more to write and re-read than the two matmuls cost to compute.
+# Flash-style tiles of this many queries x keys keep each tile's scores in cache.
+_CPU_BLOCK = 256
+
+
+def _tiles(length: int, block: int) -> int:
+  """Tile size for a sequence: ``block``, grown so that there are at most 8 tiles."""
+  return max(block, length // 8)
+
+
+def _xla_attention(q, k, v, *, mask, scale, upcast, block=None):
   # q: [B, Lq, N, D], k/v: [B, Lk, N, D]
   compute_dtype = jnp.float32 if upcast else q.dtype
-  # Scores in the compute dtype; scale applied to the product, as diffusers does (baddbmm alpha).
-  logits = jnp.einsum("bqnd,bknd->bnqk", q.astype(compute_dtype), k.astype(compute_dtype))
-  logits = logits * jnp.asarray(scale, compute_dtype)
-  if mask is not None:
-    # mask: broadcastable to [B, N, Lq, Lk], True = attend.
-    logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnqk,bknd->bqnd", weights, v)
+  # Heads before tokens: [B, N, L, D], so both products are plain batched matmuls.
+  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  qt, kt = qt.astype(compute_dtype), kt.astype(compute_dtype)
+  lq, lk = q.shape[1], k.shape[1]
+  bq, bk = (_tiles(lq, block), _tiles(lk, block)) if block else (lq, lk)
+  if mask is not None or lq % bq or lk % bk or (lq <= bq and lk <= bk):
+    bq, bk = lq, lk
+
+  def scores(qb, kb):
+    # Scale applied to the product, as diffusers does (baddbmm alpha).
+    return jnp.einsum("bnqd,bnkd->bnqk", qb, kb) * jnp.asarray(scale, compute_dtype)
+
+  def weighted(w, vb):
+    return jnp.einsum("bnqk,bnkd->bnqd", w.astype(v.dtype), vb).astype(jnp.float32)
+
+  # Softmax with its normalisation after the second product (the division runs over
+  # [.., Lq, D], not [.., Lq, Lk]), accumulated over key tiles with the running-max rescaling
+  # of flash attention. The maxima are shift constants: stopping their gradient is exact.
+  outs = []
+  for i in range(0, lq, bq):
+    qb = qt[:, :, i:i + bq]
+    m = acc = den = None
+    for j in range(0, lk, bk):
+      logits = scores(qb, kt[:, :, j:j + bk])
+      if mask is not None:
+        # mask: broadcastable to [B, N, Lq, Lk], True = attend (only with a single tile).
+        logits = jnp.where(mask, logits, jnp.finfo(compute_dtype).min)
+      m_new = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+      if m is not None:
+        m_new = jnp.maximum(m, m_new)
+      w = jnp.exp(logits - m_new)
+      w_sum = w.sum(axis=-1, keepdims=True, dtype=jnp.float32)
+      w_v = weighted(w, vt[:, :, j:j + bk])
+      if m is None:
+        acc, den = w_v, w_sum
+      else:
+        rescale = jnp.exp(m - m_new).astype(jnp.float32)
+        acc, den = acc * rescale + w_v, den * rescale + w_sum
+      m = m_new
+    outs.append((acc / den).astype(v.dtype))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return jnp.swapaxes(out, 1, 2)
 
 
 def _cudnn_attention(q, k, v, *, mask, scale):
@@ -116,7 +161,8 @@ def dot_product_attention(
       q.shape[1] % 64 or k.shape[1] % 64):
     impl = "xla"
   if impl == "xla":
-    return _xla_attention(q, k, v, mask=mask, scale=scale, upcast=upcast)
+    block = _CPU_BLOCK if jax.default_backend() == "cpu" else None
+    return _xla_attention(q, k, v, mask=mask, scale=scale, upcast=upcast, block=block)
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, mask=mask, scale=scale)
   return _splash_attention(q, k, v, mask=mask, scale=scale)
