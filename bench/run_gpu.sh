@@ -51,9 +51,9 @@ for s in "${STAGES[@]}"; do
 print(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, torch.__version__, \
 diffusers.__version__, numpy.__version__); print(jax.devices())'" ;;
     attention) stage attention 90 "$PY" -m bench.bench_attention --device gpu --warmup 3 --iters 20 ;;
-    unet) stage unet 200 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 --batch 8 --train-batch 4 ;;
+    unet) stage unet 200 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 --train-batch 2 ;;
     unet_b8) stage unet_b8 320 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 \
-      --batch 8 --train-batch 8 ;;
+      --batch 8 --train-batch 4 ;;
     sampling) stage sampling 230 "$PY" -m bench.bench_sampling --device gpu --iters 2 ;;
     sampling_b2) stage sampling_b2 250 "$PY" -m bench.bench_sampling --device gpu --iters 2 --prompts 2 ;;
     peer) stage peer 240 "$PY" -m bench.bench_flax_peer --device gpu --warmup 3 --iters 15 \
