@@ -51,7 +51,7 @@ for s in "${STAGES[@]}"; do
 print(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, torch.__version__, \
 diffusers.__version__, numpy.__version__); print(jax.devices())'" ;;
     attention) stage attention 90 "$PY" -m bench.bench_attention --device gpu --warmup 3 --iters 20 ;;
-    unet) stage unet 200 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 --train-batch 2 ;;
+    unet) stage unet 300 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 --train-batch 2 ;;
     unet_b8) stage unet_b8 320 "$PY" -m bench.bench_unet --device gpu --warmup 3 --iters 15 \
       --batch 8 --train-batch 4 ;;
     sampling) stage sampling 230 "$PY" -m bench.bench_sampling --device gpu --iters 2 ;;
