@@ -86,6 +86,11 @@ def main(argv=None) -> int:
       f"- wall time {result['timing']['total_s']:.0f} s "
       f"(stages: {', '.join(f'{k} {v:.0f} s' for k, v in result['timing'].items() if k != 'total_s')})",
       f"- peak memory {result['memory']['peak_rss_bytes'] / 2**30:.2f} GiB",
+      # With other jobs on the cores, wall time overstates the demo's own cost.
+      f"- CPU time {result.get('cpu_s', float('nan')):.0f} s (all threads of the demo process; "
+      f"about half of it is the wall time on two free cores)",
+      f"- training: {result.get('training', {}).get('steps', '?')} steps, "
+      f"{result.get('training', {}).get('prediction_type', 'unrecorded')} prediction",
       "",
       "Goals:",
       "",

@@ -154,3 +154,18 @@ def test_demo_loss_curve_and_strip(tmp_path):
   demo.save_strip(str(tmp_path / "strip.png"), "a title", [("a", video), ("b", video)], 8, zoom=2)
   w, h = Image.open(tmp_path / "strip.png").size
   assert w == 150 + 16 * 64 + 2 and h == 18 + 2 * (64 + 4)
+
+
+def test_demo_unet_starts_with_small_temporal_layers_and_predicts_v():
+  from vidrd_jax import demo
+  from vidrd_jax.models import text_encoder as text_lib
+  from vidrd_jax.models import vae as vae_lib
+  config = demo.load_config(demo.DEFAULT_CONFIG, quick=False)
+  settings = demo.DemoSettings()
+  cfg = demo.unet_config(config, settings, vae_lib.AutoencoderKLConfig.tiny(),
+                         text_lib.CLIPTextConfig.tiny())
+  # Trained from scratch: the temporal layers' output projections start small, not at zero
+  # (tests/test_unet3d_temporal_init.py checks what the option does).
+  assert settings.temporal_init_scale > 0
+  assert cfg.temporal_init_scale == settings.temporal_init_scale
+  assert config.model.prediction_type == "v_prediction"

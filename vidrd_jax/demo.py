@@ -62,7 +62,7 @@ class DemoSettings:
   # Stage 1: the tiny VAE.
   vae_channels: tuple[int, ...] = (32, 32, 64)   # 3 levels: 32x32 frames -> 8x8 latents
   norm_groups: int = 8                # GroupNorm groups of the VAE and UNet (spatial layers)
-  vae_steps: int = 500
+  vae_steps: int = 300
   vae_batch: int = 16                 # single frames
   vae_learning_rate: float = 1e-3
   vae_kl_weight: float = 1e-6
@@ -72,8 +72,9 @@ class DemoSettings:
   unet_channels: tuple[int, ...] = (32, 64)
   unet_heads: int = 2
   # Small non-zero start of the temporal layers' output projections (UNet3DConfig's
-  # temporal_init_scale; 0 is the paper's zero init, meant for inflating a pretrained SD).
-  temporal_init_scale: float = 0.0
+  # temporal_init_scale; 0 is the paper's zero init, meant for inflating a pretrained SD, while
+  # this UNet is trained from scratch).
+  temporal_init_scale: float = 0.1
   # Stage 3: sampling.
   num_clips: int = 4
   overlap: int = 4                    # M
@@ -237,6 +238,16 @@ def nn_unbox(tree):
 # ----------------------------------------------------------------------------------------------
 # Stage 2: the UNet3D.
 
+def unet_config(config, settings: DemoSettings, vae_cfg, text_cfg):
+  """The demo's tiny UNet3DConfig (what ``build_init_pipeline`` initialises)."""
+  from vidrd_jax.models import unet3d  # pylint: disable=g-import-not-at-top
+  return unet3d.UNet3DConfig.tiny(
+      block_out_channels=tuple(settings.unet_channels), attention_head_dim=settings.unet_heads,
+      norm_num_groups=settings.norm_groups, temporal_init_scale=settings.temporal_init_scale,
+      cross_attention_dim=text_cfg.hidden_size,
+      sample_size=config.data.resolution // vae_cfg.downsample_factor)
+
+
 def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out_dir: str,
                         seed: int = 0) -> str:
   """Writes the start point of training: random tiny UNet3D, trained VAE, random text encoder."""
@@ -248,10 +259,7 @@ def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out
     _log(f"init pipeline: reusing {out_dir}")
     return out_dir
   text_cfg = text_lib.CLIPTextConfig.tiny()
-  unet_cfg = unet3d.UNet3DConfig.tiny(
-      block_out_channels=tuple(settings.unet_channels), attention_head_dim=settings.unet_heads,
-      norm_num_groups=settings.norm_groups, temporal_init_scale=settings.temporal_init_scale,
-      cross_attention_dim=text_cfg.hidden_size, sample_size=config.data.resolution // vae_cfg.downsample_factor)
+  unet_cfg = unet_config(config, settings, vae_cfg, text_cfg)
   k_unet, k_text = jax.random.split(jax.random.PRNGKey(seed + 2))
   # Jitted: op-by-op initialisation of the UNet3D on CPU takes tens of seconds.
   unet_params = jax.jit(lambda k: nn_unbox(unet3d.init_params(unet_cfg, k)))(k_unet)
@@ -405,7 +413,7 @@ def save_loss_curve(path: str, steps: np.ndarray, losses: np.ndarray) -> None:
       ax.plot(steps[k - 1:], smooth, lw=2, color="tab:blue", label=f"moving mean ({k})")
     ax.legend()
   ax.set_xlabel("step")
-  ax.set_ylabel("diffusion loss (epsilon MSE)")
+  ax.set_ylabel("diffusion loss (MSE of the epsilon or v target)")
   ax.set_yscale("log")
   ax.set_title("tiny VidRD UNet3D on synthetic moving shapes")
   ax.grid(True, which="both", alpha=0.3)
@@ -518,6 +526,7 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
                    "first_loss": float(losses[0]) if len(losses) else None,
                    "global_batch_size": int(config.global_batch_size),
                    "learning_rate": float(config.optimizer.learning_rate),
+                   "prediction_type": str(config.model.prediction_type),
                    "resolution": int(config.data.resolution), "frames": int(config.data.frames),
                    "unet_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(pipe.params["unet"]))),
                    "vae_scaling_factor": float(vae_cfg.scaling_factor)},
