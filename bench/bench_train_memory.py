@@ -86,7 +86,8 @@ def main():
   compiled = lowered.compile()
   t_compile = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  flops = common.lowered_flops(lowered)
+  # The lowered program is the global one; MFU wants per-device work.
+  flops = common.lowered_flops(lowered) / st.mesh.size
 
   def nbytes(tree):
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
