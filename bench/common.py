@@ -187,10 +187,9 @@ _LOWERED_FLOPS: Dict[int, tuple] = {}
 
 
 def lowered_flops(stage) -> float:
-  ca = stage.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", float("nan")))
+  """FLOPs of a lowered (or compiled) program from XLA's cost analysis; NaN when XLA has none."""
+  from vidrd_jax import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.compiled_flops(stage) or float("nan")
 
 
 def xla_flops(compiled) -> float:

@@ -44,8 +44,8 @@ def peak_flops_per_device(device: Optional[jax.Device] = None) -> Optional[float
 def compiled_flops(compiled: Any) -> Optional[float]:
   """Total FLOPs of one call of a lowered or compiled jit function, from XLA's cost analysis.
 
-  XLA reports the FLOPs of the per-device program for SPMD executables; callers multiply
-  by the device count when they need the global number.
+  For a compiled SPMD executable XLA reports the per-device program; for a lowered one, the
+  global program (divide by the device count for per-device work).
   """
   try:
     analysis = compiled.cost_analysis()
