@@ -98,7 +98,9 @@ def test_generate_on_pipeline_and_batch_independence(pipe):
   # Prompt 1 alone, with its id, gives the same video as in the batch; reference_exact decodes
   # every frame alone (the released pipeline's way), which the temporal VAE makes different.
   alone = long_video.generate(pipe, ["a red ball rolls"], prompt_ids=[1], reference_exact=True, **kw)
-  np.testing.assert_allclose(alone.latents[0], out.latents[1], atol=1e-5 * np.std(out.latents))
+  # Not bit-identical: the text encoder and the matmuls see batch 1 vs 2 (other kernel blocking),
+  # and CFG (x5) amplifies float32 rounding; seen 1.1e-5 to 1.2e-5 x std with the weights here.
+  np.testing.assert_allclose(alone.latents[0], out.latents[1], atol=5e-5 * np.std(out.latents))
   per_frame = pipe.decode_latents(alone.latents.reshape(1, 6, 8, 12, 4), temporal=False, chunk_frames=3)
   np.testing.assert_array_equal(alone.frames, video_io.to_uint8(np.asarray(per_frame)))
   assert np.abs(alone.frames[0].astype(int) - out.frames[1].astype(int)).max() > 0
