@@ -168,8 +168,7 @@ def main():
   jx = jnp.asarray(x.transpose(0, 2, 3, 1)[:, None], jdt)
   jc, jt = jnp.asarray(ctx, jdt), jnp.asarray(ts)
   fwd = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
-  lower_s, compile_s, compiled = common.compile_time(fwd, params, jx, jt, jc)
-  flops = common.xla_flops(compiled)
+  lower_s, compile_s, compiled, flops = common.compile_time(fwd, params, jx, jt, jc)
   ours = np.asarray(compiled(params, jx, jt, jc), np.float32)[:, 0].transpose(0, 3, 1, 2)
   t_ours = common.time_fn(lambda: compiled(params, jx, jt, jc), warmup=args.warmup, iters=args.iters)
   del params, compiled

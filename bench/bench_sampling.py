@@ -264,8 +264,7 @@ def main():
   x2 = jnp.asarray(np.repeat(init, 2, axis=0))
   t2 = jnp.full((2 * bsz,), 981, jnp.int32)
   c2 = jnp.concatenate([negative, context]).astype(context.dtype)
-  _, _, compiled_unet = common.compile_time(unet_call, pipe.params["unet"], x2, t2, c2)
-  unet_flops = common.xla_flops(compiled_unet)
+  _, _, compiled_unet, unet_flops = common.compile_time(unet_call, pipe.params["unet"], x2, t2, c2)
   t_unet = common.time_fn(lambda: compiled_unet(pipe.params["unet"], x2, t2, c2),
                           warmup=1, iters=max(args.iters, 3))
   per_step = t_sampler.median / (k * s)

@@ -120,8 +120,7 @@ def main():
 
   # ---------------------------------------------------------------- forward (inference shape)
   fwd = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
-  lower_s, compile_s, compiled = common.compile_time(fwd, params_infer, j_lat, j_t, j_ctx)
-  flops = common.xla_flops(compiled)
+  lower_s, compile_s, compiled, flops = common.compile_time(fwd, params_infer, j_lat, j_t, j_ctx)
   ours_out = np.asarray(compiled(params_infer, j_lat, j_t, j_ctx), np.float32)
   with torch.no_grad():
     ref_out = ref(t_lat, t_t, t_ctx).float().cpu().numpy().transpose(0, 2, 3, 4, 1)
@@ -163,8 +162,7 @@ def main():
       return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
     grad = jax.jit(jax.value_and_grad(loss))
-    lower_g, compile_g, gcompiled = common.compile_time(grad, params_train, x_tr, t_tr, c_tr)
-    gflops = common.xla_flops(gcompiled)
+    lower_g, compile_g, gcompiled, gflops = common.compile_time(grad, params_train, x_tr, t_tr, c_tr)
 
     ref_train = None
     if not args.no_torch:

@@ -159,49 +159,27 @@ def time_once(fn: Callable[[], Any]) -> tuple:
 
 
 def compile_time(jitted, *args, **kwargs) -> tuple:
-  """(trace+lower seconds, compile seconds, compiled executable) of a jitted function."""
+  """(trace+lower seconds, compile seconds, compiled executable, FLOPs per call).
+
+  The FLOPs are counted on the program as lowered, before backend optimisation: on GPU the
+  optimised program runs convolutions as cuDNN custom calls, which XLA's cost analysis counts
+  as zero (the full UNet3D read 0.44 TFLOP there instead of 3.57).
+  """
   t0 = time.perf_counter()
   lowered = jitted.lower(*args, **kwargs)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  _LOWERED_FLOPS[id(compiled)] = (compiled, lowered_flops(lowered))
-  return t1 - t0, t2 - t1, compiled
+  return t1 - t0, t2 - t1, compiled, lowered_flops(lowered)
 
 
 # ------------------------------------------------------------------------------ FLOPs / MFU
-
-
-def cost_analysis(compiled) -> Dict[str, float]:
-  """XLA's cost analysis of a compiled executable as one flat dict (flops, bytes accessed, ...)."""
-  ca = compiled.cost_analysis()
-  # Older jax returns a list with one dict per partition.
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  return dict(ca or {})
-
-
-# FLOPs of the unoptimised program of each executable made by compile_time(), by id (the
-# executable is kept alive with its count, so an id is never reused while it is in here).
-_LOWERED_FLOPS: Dict[int, tuple] = {}
 
 
 def lowered_flops(stage) -> float:
   """FLOPs of a lowered (or compiled) program from XLA's cost analysis; NaN when XLA has none."""
   from vidrd_jax import metrics  # pylint: disable=g-import-not-at-top
   return metrics.compiled_flops(stage) or float("nan")
-
-
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled executable, as XLA counts them (2 per multiply-add).
-
-  Counted on the program as lowered, before backend optimisation, when compile_time() made the
-  executable: on GPU the optimised program runs convolutions as cuDNN custom calls, which XLA's
-  cost analysis counts as zero (the full UNet3D read 0.44 TFLOP there instead of 3.57).
-  """
-  if id(compiled) in _LOWERED_FLOPS:
-    return _LOWERED_FLOPS[id(compiled)][1]
-  return lowered_flops(compiled)
 
 
 _CPU_PEAK_CACHE: Dict[str, float] = {}
