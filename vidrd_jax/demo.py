@@ -62,7 +62,7 @@ class DemoSettings:
   # Stage 1: the tiny VAE.
   vae_channels: tuple[int, ...] = (32, 32, 64)   # 3 levels: 32x32 frames -> 8x8 latents
   norm_groups: int = 8                # GroupNorm groups of the VAE and UNet (spatial layers)
-  vae_steps: int = 500
+  vae_steps: int = 300
   vae_batch: int = 16                 # single frames
   vae_learning_rate: float = 1e-3
   vae_kl_weight: float = 1e-6
