@@ -1,4 +1,5 @@
-"""vidrd_jax.eval.caption_sensitivity on a random tiny pipeline (the demo's architecture)."""
+"""The demo's stages on a random tiny pipeline of its architecture: caption sensitivity
+(vidrd_jax.eval.caption_sensitivity) and the packed training latents."""
 
 import dataclasses
 
@@ -30,12 +31,12 @@ def pipe_and_clips(tmp_path_factory):
   source = synthetic.SyntheticVideoSource(6, config.data.frames, res, sizes=["large", "small"])
   records = [source[i] for i in range(len(source))]
   latents = np.asarray(pipe.encode_frames(np.stack([r["video"] for r in records])))
-  return pipe, source, records, latents
+  return pipe, source, records, latents, out, config
 
 
 def test_a_word_missing_from_the_caption_costs_exactly_nothing(pipe_and_clips):
   from vidrd_jax.eval import caption_sensitivity
-  pipe, source, records, latents = pipe_and_clips
+  pipe, source, records, latents, _, _ = pipe_and_clips
   # Captions without the size word: swapping the size cannot change anything, to the last bit;
   # the random UNet reads its text, so swapping the colour does change the loss.
   caption = lambda a: synthetic.make_caption(a)
@@ -51,7 +52,7 @@ def test_a_word_missing_from_the_caption_costs_exactly_nothing(pipe_and_clips):
 
 def test_denoising_loss_is_deterministic_and_uses_the_pipelines_target(pipe_and_clips):
   from vidrd_jax.eval import caption_sensitivity
-  pipe, _, records, latents = pipe_and_clips
+  pipe, _, records, latents, _, _ = pipe_and_clips
   captions = [r["caption"] for r in records]
   a = caption_sensitivity.denoising_loss(pipe, latents, captions, (500,), seed=3, batch_size=4)
   b = caption_sensitivity.denoising_loss(pipe, latents, captions, (500,), seed=3, batch_size=6)
@@ -68,7 +69,7 @@ def test_denoising_loss_is_deterministic_and_uses_the_pipelines_target(pipe_and_
 
 def test_bad_input_names_the_problem(pipe_and_clips):
   from vidrd_jax.eval import caption_sensitivity
-  pipe, source, records, latents = pipe_and_clips
+  pipe, source, records, latents, _, _ = pipe_and_clips
   attrs = [r["attributes"] for r in records]
   with pytest.raises(ValueError, match="6 clips but 5 captions"):
     caption_sensitivity.denoising_loss(pipe, latents, ["a"] * 5)
@@ -79,3 +80,32 @@ def test_bad_input_names_the_problem(pipe_and_clips):
     caption_sensitivity.attribute_sensitivity(
         pipe, latents, [{**a, "color": "cyan"} for a in attrs], {"color": source.colors},
         source.caption)
+
+
+def test_demo_packs_training_latents_once(pipe_and_clips, tmp_path):
+  from vidrd_jax import demo
+  from vidrd_jax.data import packed
+  pipe, _, _, _, init_dir, config = pipe_and_clips
+  settings = dataclasses.replace(demo.quick_settings(), latent_clips=3)
+  out = str(tmp_path / "latents")
+  assert demo.pack_latents(config, settings, init_dir, out) == out
+  src = packed.PackedSource(out, config.data.frames, config.data.resolution)
+  assert len(src) == 3
+  record = packed.decode_record(src._records[0])  # pylint: disable=protected-access
+  # The first training clip of the config's synthetic source, encoded by the pipeline's VAE.
+  spec = dict(config.data.sources[0])
+  synth = synthetic.SyntheticVideoSource(
+      spec["num_records"], config.data.frames, config.data.resolution, seed=spec.get("seed", 0),
+      **demo.synthetic_options(config))
+  clip = synth[0]
+  assert str(record["caption"]) == clip["caption"]
+  want = np.asarray(pipe.encode_frames(clip["video"][None]))[0]
+  np.testing.assert_allclose(record["latents"], want, atol=1e-5 * np.abs(want).max())
+  # A second call reuses the shards; the training config reads them instead of rendering.
+  stamp = (tmp_path / "latents" / packed.METADATA).stat().st_mtime_ns
+  demo.pack_latents(config, settings, init_dir, out)
+  assert (tmp_path / "latents" / packed.METADATA).stat().st_mtime_ns == stamp
+  train_config = demo.on_latents(config, out)
+  assert train_config.data.latents and train_config.data.sources == [
+      {"kind": "packed", "path": out, "weight": 1.0}]
+  assert config.data.sources[0]["kind"] == "synthetic" and not config.data.latents
