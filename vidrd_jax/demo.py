@@ -11,8 +11,9 @@ Everything runs on a laptop CPU with no downloads, in about 15 minutes on 2 core
    encoder, as a pipeline directory. ``settings.latent_clips`` training clips are encoded once
    by the VAE into packed latent shards (``vidrd_jax.data.pack``, the path pod training takes),
    and ``vidrd_jax.train.train_and_evaluate`` trains the whole UNet3D on them
-   (``configs/tiny_cpu.py``), checkpointing as it goes, and exports the trained pipeline. The text encoder stays random: its token embeddings are distinct, and the
-   UNet's cross-attention learns to read them.
+   (``configs/tiny_cpu.py``), checkpointing as it goes, and exports the trained pipeline. The
+   text encoder stays random: its token embeddings are distinct, and the UNet's
+   cross-attention learns to read them.
 3. Long videos (4 clips of 8 frames) are sampled with ``vidrd_jax.generate`` for caption
    combinations held out of training, once with VidRD's strategies (FNR + PNS + DSG) and once
    as independent clips (no reused noise, fresh noise per clip, no staged guidance).
@@ -24,9 +25,9 @@ Everything runs on a laptop CPU with no downloads, in about 15 minutes on 2 core
    denoising loss on real clips rises when one caption word is swapped
    (``vidrd_jax.eval.caption_sensitivity``: whether the model reads each word at all).
 
-Re-running reuses the finished stages in ``--out/work`` (trained VAE, training checkpoints) and
-rewrites every output; an interrupted run resumes training from its last checkpoint. ``--fresh``
-starts over.
+Re-running reuses the finished stages in ``--out/work`` (trained VAE, packed latents, training
+checkpoints) and rewrites every output; an interrupted run resumes training from its last
+checkpoint. ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class DemoSettings:
   # this UNet is trained from scratch).
   temporal_init_scale: float = 0.1
   # Training clips encoded once by the trained VAE before the UNet trains on their latents
-  # (vidrd_jax.data.pack, the pod path): encoding each of the 8000 clips of 1000 steps x 8 on
-  # the fly would cost about a quarter of every step; each packed clip is seen ~4 times.
+  # (vidrd_jax.data.pack, the pod path): encoding every clip of 800 steps x 8 on the fly cost
+  # about a quarter of each step; each packed clip is seen about 3 times.
   latent_clips: int = 2048
   # Stage 3: sampling.
   num_clips: int = 4
