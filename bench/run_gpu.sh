@@ -2,12 +2,12 @@
 # One lease of a GPU machine: the full-size benchmarks, each in its own process with its own
 # time limit, so that one failure or overrun still leaves the others' results.
 #
-#   bash bench/run_gpu.sh [STAGE ...]      stages: env attention unet unet_b8 sampling sampling_b2 peer
+#   bash bench/run_gpu.sh [STAGE[:SECONDS] ...]   stages: env mfu attention unet unet_b8 sampling sampling_b2 peer
 #
 # Meant for the lent GPU machine, whose image has CUDA builds of jax and torch but not
 # diffusers or ml_collections: those travel as wheels in .whl/ (and diffusers 0.31, the Flax
 # peer, in .whl31/), installed with --target so the image's own packages stay as they are.
-# Logs and the updated BENCHMARKS.md go to $OUT (default ./gpu_out).
+# Logs and the updated BENCHMARKS.md go to $OUT (default ./gpu_out). MFU_ARGS: extra flags of bench_mfu.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-gpu_out}"
@@ -43,8 +43,12 @@ stage() {  # name, time limit (s), command...
 }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env unet sampling attention)
-for s in "${STAGES[@]}"; do
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env mfu unet sampling attention)
+# A stage may carry its own time limit, NAME:SECONDS (e.g. peer:150).
+for spec in "${STAGES[@]}"; do
+  s=${spec%%:*}
+  lim=${spec#*:}
+  [ "$lim" = "$spec" ] && lim=""
   case "$s" in
     env) stage env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; \
       $PY -c 'import jax, jaxlib, flax, optax, torch, diffusers, numpy; \
@@ -56,7 +60,10 @@ diffusers.__version__, numpy.__version__); print(jax.devices())'" ;;
       --batch 8 --train-batch 4 ;;
     sampling) stage sampling 230 "$PY" -m bench.bench_sampling --device gpu --iters 2 ;;
     sampling_b2) stage sampling_b2 250 "$PY" -m bench.bench_sampling --device gpu --iters 2 --prompts 2 ;;
-    peer) stage peer 240 "$PY" -m bench.bench_flax_peer --device gpu --warmup 3 --iters 15 \
+    mfu) stage mfu "${lim:-450}" "$PY" -m bench.bench_mfu --device gpu --warmup 3 --iters 10 \
+      --budget $(( ${lim:-450} - 30 )) --profile-dir /tmp/mfu_prof --artifacts "$OUT/mfu_traces.tar.gz" \
+      --json "$OUT/mfu.json" ${MFU_ARGS:-} ;;
+    peer) stage peer "${lim:-240}" "$PY" -m bench.bench_flax_peer --device gpu --warmup 3 --iters 15 \
       --peer-python /tmp/peer_python ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

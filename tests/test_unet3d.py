@@ -361,3 +361,29 @@ def test_full_size_sd21_base_matches_reference():
   err = _rel_err(got, want)
   print(f"full SD2.1-base UNet3D vs reference: max abs err / std = {err:.2e}")
   assert err <= TOL, f"full SD2.1-base UNet3D vs reference: max abs err / std = {err:.2e}"
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_temporal_conv_matmul_equals_torch_conv3d(frames):
+  """layers.TemporalConv (one matmul over frame taps) is torch's Conv3d((3, 1, 1), pad (1, 0, 0))."""
+  from vidrd_jax.models.layers import TemporalConv  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(frames)
+  c_in, c_out = 12, 20
+  ref = torch.nn.Conv3d(c_in, c_out, (3, 1, 1), padding=(1, 0, 0))
+  x = torch.randn(2, c_in, frames, 3, 4)
+  with torch.no_grad():
+    want = _torch_layout_inv(ref(x))
+  module = TemporalConv(c_out)
+  params = nn.unbox(module.init(jax.random.key(0), _jax_video(x))["params"])
+  # Same parameter layout as a channels-last nn.Conv: checkpoints convert unchanged.
+  assert params["kernel"].shape == (3, 1, 1, c_in, c_out) and params["bias"].shape == (c_out,)
+  params = {"kernel": jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 4, 1, 0)),
+            "bias": jnp.asarray(ref.bias.detach().numpy())}
+  got = np.asarray(module.apply({"params": params}, _jax_video(x)))
+  err = np.abs(got - want).max()
+  assert err <= TOL * want.std(), f"max abs err {err:.2e} (std {want.std():.2e})"
+
+
+def _torch_layout_inv(y: torch.Tensor) -> np.ndarray:
+  """[B, C, F, h, w] torch -> [B, F, h, w, C] numpy."""
+  return y.permute(0, 2, 3, 4, 1).numpy()
