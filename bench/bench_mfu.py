@@ -310,7 +310,7 @@ def main():
     fwd = (compiled, ref_out)
     u = flops_fwd / timing.median / peak
     rows.append([f"forward B{b} x F{f} {s}x{s}", "default", timing.fmt(), f"{compile_s:.0f}",
-                 f"{flops_fwd / 1e12:.2f}", f"{flops_fwd / timing.median / 1e12:.0f}", f"{100 * u:.1f}%", "-"])
+                 f"{flops_fwd / 1e12:.2f}", f"{flops_fwd / timing.median / 1e12:.3g}", f"{100 * u:.1f}%", "-"])
     results["forward"] = dict(batch=b, ms=timing.median * 1e3, tflop=flops_fwd / 1e12, mfu=u,
                               compile_s=compile_s)
 
@@ -374,7 +374,7 @@ def main():
           f"MFU {100 * u:.1f}%, loss {loss:.4f}, peak {common.fmt_bytes(mem.peak)}", flush=True)
     rows.append([f"train step B{bt} x F{f} {s}x{s} (AdamW, f32 master, no remat)", "default",
                  timing.fmt(), f"{compile_s:.0f}", f"{flops_tr / 1e12:.2f}",
-                 f"{flops_tr / timing.median / 1e12:.0f}", f"{100 * u:.1f}%", "-"])
+                 f"{flops_tr / timing.median / 1e12:.3g}", f"{100 * u:.1f}%", "-"])
     results["train"] = dict(batch=bt, ms=timing.median * 1e3, tflop=flops_tr / 1e12, mfu=u,
                             compile_s=compile_s, loss=loss, peak_bytes=mem.peak)
     if "profile" in stages and budget.fits(20, "training profile", notes):
@@ -406,7 +406,7 @@ def main():
           flush=True)
     rows.append([f"long-video sampler, {prompts} prompts (UNet batch {b}), {k} clips x {steps} steps",
                  "default", f"{per_step * 1e3:.1f} per step", f"{cold - timing.median:.0f}",
-                 f"{flops_fwd / 1e12:.2f} / step", f"{flops_fwd / per_step / 1e12:.0f}",
+                 f"{flops_fwd / 1e12:.2f} / step", f"{flops_fwd / per_step / 1e12:.3g}",
                  f"{100 * u:.1f}%", f"step / bare UNet = {overhead:.3f}"])
     results["sampler"] = dict(prompts=prompts, ms_per_step=per_step * 1e3, mfu=u, overhead=overhead,
                               first_call_s=cold)
@@ -429,7 +429,7 @@ def main():
       err = float(np.abs(np.asarray(out, np.float32) - ref).max() / ref.std())
       u = flops_fwd / timing.median / peak
       rows.append([f"forward B{b} x F{f} {s}x{s}", name, timing.fmt(), f"{compile_s:.0f}",
-                   f"{flops_fwd / 1e12:.2f}", f"{flops_fwd / timing.median / 1e12:.0f}",
+                   f"{flops_fwd / 1e12:.2f}", f"{flops_fwd / timing.median / 1e12:.3g}",
                    f"{100 * u:.1f}%", f"max diff vs default / std = {err:.1e}"])
       results.setdefault("variants", {})[name] = dict(ms=timing.median * 1e3, mfu=u, err=err)
 

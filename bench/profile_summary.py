@@ -221,7 +221,7 @@ def markdown(summary: dict, title: str) -> str:
   lines += [f"| {c} | {m:.2f} | {100 * s:.1f}% |" for c, m, s in summary["categories"]]
   lines += ["", "| top instructions | category | ms / call | share | kernel |",
             "| --- | --- | --- | --- | --- |"]
-  lines += [f"| {op} | {c} | {m:.3f} | {100 * s:.1f}% | `{k}` |"
+  lines += [f"| {op[:60]} | {c} | {m:.3f} | {100 * s:.1f}% | `{k}` |"
             for op, c, m, s, k in summary["top"]]
   return "\n".join(lines)
 
