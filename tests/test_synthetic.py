@@ -134,3 +134,41 @@ def test_bad_arguments(kwargs, match):
     SyntheticVideoSource(**args)
   with pytest.raises(IndexError):
     SyntheticVideoSource(4, 2, 16)[4]
+
+
+def test_trail_marks_where_the_shape_was():
+  kw = dict(frames=4, resolution=32, size="large", speed=0.125, x0=0.5, y0=0.5)
+  plain = synthetic.render_video("red", "square", "right", **kw)
+  np.testing.assert_array_equal(plain, synthetic.render_video("red", "square", "right", trail=(), **kw))
+  tail = synthetic.render_video("red", "square", "right", trail=(0.25,), **kw)
+  to_unit = lambda v: (v + 1) / 2
+  changed = np.abs(tail - plain).max(axis=-1) > 1e-6  # [F, H, W]
+  # The shape itself is untouched; only pixels it covered one frame earlier change.
+  earlier = synthetic.render_video("red", "square", "right", **dict(kw, x0=0.5 - 0.125))
+  covered_before = np.abs(to_unit(earlier) - to_unit(plain)).max(axis=-1) > 1e-6
+  assert changed.any() and not (changed & ~covered_before).any()
+  # Behind a shape moving right lies its left: the tail's pixels are left of the centre.
+  cols = np.nonzero(changed[2])[1]
+  assert cols.max() < 32 * (0.5 + 2 * 0.125)
+  # Where the shape fully covered a pixel one frame earlier: red at a quarter opacity over black.
+  want = 0.25 * np.asarray(synthetic.COLORS["red"]) + 0.75 * synthetic.BACKGROUNDS["black"]
+  np.testing.assert_allclose(to_unit(tail)[changed].max(axis=0), want, atol=1e-6)
+
+
+def test_trail_keeps_the_detector_exact():
+  from vidrd_jax.eval import detector  # pylint: disable=g-import-not-at-top
+  src = SyntheticVideoSource(24, 8, 32, split="all", sizes=("large",), speed_range=(0.125, 0.125),
+                             trail=(0.25,))
+  for i in range(len(src)):
+    rec = src[i]
+    found = detector.detect(rec["video"])
+    a = rec["attributes"]
+    assert (found.color, found.shape, found.direction) == (a["color"], a["shape"], a["direction"])
+
+
+@pytest.mark.parametrize("trail", [(1.0,), (-0.1,), (0.2, 1.5)])
+def test_bad_trail(trail):
+  with pytest.raises(ValueError, match="trail opacities"):
+    SyntheticVideoSource(4, 4, 16, trail=trail)
+  with pytest.raises(ValueError, match="trail opacities"):
+    synthetic.render_video("red", "circle", "left", frames=2, resolution=16, trail=trail)
