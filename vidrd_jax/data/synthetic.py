@@ -120,7 +120,7 @@ def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.nda
 
 def render_video(color: str, shape: str, direction: str, *, frames: int, resolution: int,
                  size: str = "medium", background: str = "black", speed: float = 0.0625,
-                 x0: float = 0.5, y0: float = 0.5, trail: Sequence[float] = ()) -> np.ndarray:
+                 x0: float = 0.5, y0: float = 0.5) -> np.ndarray:
   """Renders one moving shape on a torus.
 
   Args:
@@ -130,9 +130,6 @@ def render_video(color: str, shape: str, direction: str, *, frames: int, resolut
     resolution: frame side H = W in pixels.
     speed: displacement per frame, as a fraction of the frame side.
     x0, y0: centre at frame 0, as fractions of the frame side.
-    trail: opacities of faint copies of the shape where it was 1, 2, ... frames earlier (a
-      comet tail behind it, e.g. ``(0.25,)``), so a single frame shows which way it moves.
-      Values must lie in [0, 1); the detector's shape mask ignores weights below 0.3.
 
   Returns:
     float32 array [F, H, W, 3] in [-1, 1].
@@ -143,9 +140,6 @@ def render_video(color: str, shape: str, direction: str, *, frames: int, resolut
       raise ValueError(f"unknown {name} {value!r}; known: {', '.join(table)}")
   if frames < 1 or resolution < 8:
     raise ValueError(f"need frames >= 1 and resolution >= 8, got {frames}, {resolution}")
-  trail = tuple(float(w) for w in trail)
-  if any(not 0.0 <= w < 1.0 for w in trail):
-    raise ValueError(f"trail opacities must lie in [0, 1), got {trail}")
   n = resolution
   s = _SUPERSAMPLE
   # Sub-pixel sample positions, in pixels, at the centres of an s x s grid inside each pixel.
@@ -153,23 +147,14 @@ def render_video(color: str, shape: str, direction: str, *, frames: int, resolut
   vx, vy = DIRECTIONS[direction]
   r = SIZES[size] * n
   t = np.arange(frames, dtype=np.float32)[:, None, None]
-
-  def coverage(lag: int) -> np.ndarray:
-    """Pixel coverage [F, n, n, 1] of the shape where it was ``lag`` frames earlier."""
-    cx = (x0 + vx * speed * (t - lag)) * n
-    cy = (y0 + vy * speed * (t - lag)) * n
-    # Wrapped (torus) offsets from the centre in [-n/2, n/2): the shape re-enters at the far edge.
-    dx = np.mod(coords[None, None, :] - cx + n / 2, n) - n / 2
-    dy = np.mod(coords[None, :, None] - cy + n / 2, n) - n / 2
-    inside = shape_inside(shape, dx, dy, r).astype(np.float32)  # [F, n*s, n*s]
-    # Box-filter the supersampled mask down to pixel coverage (anti-aliasing).
-    return inside.reshape(frames, n, s, n, s).mean(axis=(2, 4))[..., None]
-
-  alpha = coverage(0)
-  for lag, opacity in enumerate(trail, start=1):
-    if opacity > 0:
-      # The shape itself stays on top: the tail only shows where the shape is not.
-      alpha = np.maximum(alpha, opacity * coverage(lag))
+  cx = (x0 + vx * speed * t) * n
+  cy = (y0 + vy * speed * t) * n
+  # Wrapped (torus) offsets from the centre in [-n/2, n/2): the shape re-enters at the far edge.
+  dx = np.mod(coords[None, None, :] - cx + n / 2, n) - n / 2
+  dy = np.mod(coords[None, :, None] - cy + n / 2, n) - n / 2
+  inside = shape_inside(shape, dx, dy, r).astype(np.float32)  # [F, n*s, n*s]
+  # Box-filter the supersampled mask down to pixel coverage (anti-aliasing).
+  alpha = inside.reshape(frames, n, s, n, s).mean(axis=(2, 4))[..., None]
   fg = np.asarray(COLORS[color], np.float32)
   bg = np.full(3, BACKGROUNDS[background], np.float32)
   video = alpha * fg + (1.0 - alpha) * bg
@@ -193,7 +178,7 @@ class SyntheticVideoSource:
                holdout: Sequence[tuple[str, str, str]] | None = None, split: str = "train",
                sizes: Sequence[str] = DEFAULT_SIZES,
                backgrounds: Sequence[str] = DEFAULT_BACKGROUNDS,
-               speed_range: tuple[float, float] = DEFAULT_SPEED, trail: Sequence[float] = ()):
+               speed_range: tuple[float, float] = DEFAULT_SPEED):
     """Creates the source.
 
     Args:
@@ -208,7 +193,6 @@ class SyntheticVideoSource:
       split: ``"train"`` (all triples except held-out ones), ``"heldout"`` (only held-out ones) or
         ``"all"``.
       speed_range: (min, max) speed in frame sides per frame.
-      trail: faint copies of the shape behind it (see :func:`render_video`).
     """
     if num_records < 1:
       raise ValueError(f"num_records must be >= 1, got {num_records}")
@@ -242,9 +226,6 @@ class SyntheticVideoSource:
     self.sizes = tuple(sizes)
     self.backgrounds = tuple(backgrounds)
     self.speed_range = (float(lo), float(hi))
-    self.trail = tuple(float(w) for w in trail)
-    if any(not 0.0 <= w < 1.0 for w in self.trail):
-      raise ValueError(f"trail opacities must lie in [0, 1), got {self.trail}")
     self.split = split
     all_triples = list(itertools.product(self.colors, self.shapes, self.directions))
     if holdout is None:
@@ -297,7 +278,7 @@ class SyntheticVideoSource:
         attributes["color"], attributes["shape"], attributes["direction"],
         frames=self.frames if frames is None else frames, resolution=self.resolution,
         size=attributes["size"], background=attributes["background"],
-        speed=attributes["speed"], x0=attributes["x0"], y0=attributes["y0"], trail=self.trail)
+        speed=attributes["speed"], x0=attributes["x0"], y0=attributes["y0"])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
