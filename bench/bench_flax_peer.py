@@ -116,17 +116,12 @@ def main():
   torch = common.setup_torch(args)
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from tests.torch_reference.unet3d import randomize_  # pylint: disable=g-import-not-at-top
-  from vidrd_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models.unet3d import UNet3DConditionModel  # pylint: disable=g-import-not-at-top
   from weight_conversion.unet import unet_from_torch  # pylint: disable=g-import-not-at-top
 
   jdt = jnp.dtype(args.jax_dtype)
-  overrides = dict(dtype=jdt, add_temp_conv=False, add_temp_embed=False, add_temp_attn=False,
-                   dropout=0.0, temp_conv_dropout=0.0)
-  channels = (tuple(int(c) for c in args.channels.split(",")) if args.channels
-              else (None if args.size == "full" else (128, 256, 512, 512)))
-  if channels:
-    overrides.update(block_out_channels=channels, attention_head_dim=tuple(c // 64 for c in channels))
-  cfg = UNet3DConfig.sd21_base(**overrides)
+  cfg = common.unet3d_config(args, args.channels, add_temp_conv=False, add_temp_embed=False,
+                             add_temp_attn=False)
   dcfg = {k: v for k, v in cfg.to_diffusers(include_temporal=False).items() if not k.startswith("_")}
 
   workdir = args.workdir or tempfile.mkdtemp(prefix="vidrd_peer_")

@@ -19,6 +19,7 @@ and says so, so a short device lease still returns the most important numbers.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -31,11 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # pylint: disable=g-import-not-at-top
 from bench import profile_summary  # pylint: disable=g-import-not-at-top
-
-def argparse_suppress():
-  import argparse  # pylint: disable=g-import-not-at-top
-  return argparse.SUPPRESS
-
 
 VARIANTS = ("default", "tconv_conv3d", "attn_xla", "no_triton_gemm")
 # XLA options per variant (GPU only).
@@ -57,7 +53,7 @@ def _extra(p):
   p.add_argument("--profile-dir", default="", help="write traces (and the HLO) here")
   p.add_argument("--json", default="", help="write the numbers to this file too")
   p.add_argument("--artifacts", default="", help="tar.gz of the traces and HLO (with --profile-dir)")
-  p.add_argument("--count-flops-only", action="store_true", help=argparse_suppress())
+  p.add_argument("--count-flops-only", action="store_true", help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------------------------- variants
@@ -105,12 +101,7 @@ def variant(name: str):
 
 
 def make_config(args):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vidrd_jax.models.unet3d import UNet3DConfig  # pylint: disable=g-import-not-at-top
-  overrides = dict(dtype=jnp.dtype(args.jax_dtype), dropout=0.0, temp_conv_dropout=0.0)
-  if args.size == "small":
-    overrides.update(block_out_channels=(128, 256, 512, 512), attention_head_dim=(2, 4, 8, 8))
-  return UNet3DConfig.sd21_base(**overrides)
+  return common.unet3d_config(args)
 
 
 def forward_fn(model):
@@ -250,6 +241,10 @@ def main():
     return flop_counts.get(kind, float("nan"))
 
   stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:  # before minutes of device work, not after
+    raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
   jdt = jnp.dtype(args.jax_dtype)
   cfg = make_config(args)
   model = UNet3DConditionModel(cfg)
@@ -282,18 +277,13 @@ def main():
   rng = np.random.default_rng(0)
   b, f, s = args.batch, args.frames, args.latent
 
-  def inputs(batch):
-    x = jnp.asarray(rng.standard_normal((batch, f, s, s, 4)), jdt)
-    c = jnp.asarray(rng.standard_normal((batch, 77, cfg.cross_attention_dim)), jdt)
-    t = jnp.full((batch,), 981, jnp.int32)
-    return x, t, c
-
-  x, t, c = inputs(b)
-  apply = forward_fn
+  x = jnp.asarray(rng.standard_normal((b, f, s, s, 4)), jdt)
+  c = jnp.asarray(rng.standard_normal((b, 77, cfg.cross_attention_dim)), jdt)
+  t = jnp.full((b,), 981, jnp.int32)
 
   def time_forward(name, m, fn_inputs, label, compiler_options=None):
     t0 = time.perf_counter()
-    compiled = jax.jit(apply(m)).lower(params, *fn_inputs).compile(compiler_options=compiler_options)
+    compiled = jax.jit(forward_fn(m)).lower(params, *fn_inputs).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     out = compiled(params, *fn_inputs)
     timing = common.time_fn(lambda: compiled(params, *fn_inputs), warmup=args.warmup, iters=args.iters)
@@ -413,9 +403,7 @@ def main():
 
   # -------------------------------------------------------------------- forward variants
   if "variants" in stages and fwd is not None:
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-      if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+    for name in variants:
       if not budget.fits(70 if args.size == "full" else 20, f"variant {name}", notes):
         continue
       options = _COMPILER_OPTIONS.get(name)

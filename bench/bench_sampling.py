@@ -76,7 +76,7 @@ def build(args):
   from tests.torch_reference.unet3d import build_reference_unet3d, randomize_  # pylint: disable=g-import-not-at-top
   from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from vidrd_jax.models.text_encoder import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
-  from vidrd_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models.unet3d import UNet3DConditionModel  # pylint: disable=g-import-not-at-top
   from vidrd_jax.models.vae import AutoencoderKL, AutoencoderKLConfig  # pylint: disable=g-import-not-at-top
   from vidrd_jax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from weight_conversion.text_encoder import text_encoder_from_torch  # pylint: disable=g-import-not-at-top
@@ -85,13 +85,7 @@ def build(args):
 
   full = args.size == "full"
   jdt = jnp.dtype(args.jax_dtype)
-  overrides = dict(dtype=jdt, attention_impl=None, dropout=0.0, temp_conv_dropout=0.0)
-  channels = (tuple(int(c) for c in args.channels.split(",")) if args.channels
-              else (None if full else (128, 256, 512, 512)))
-  if channels:
-    overrides.update(block_out_channels=channels,
-                     attention_head_dim=tuple(c // 64 for c in channels))
-  ucfg = UNet3DConfig.sd21_base(**overrides)
+  ucfg = common.unet3d_config(args, args.channels, attention_impl=None)
   vcfg = AutoencoderKLConfig.sd21(dtype=jdt) if full else AutoencoderKLConfig.sd21(
       block_out_channels=(32, 64, 128, 128), dtype=jdt)
   tcfg = CLIPTextConfig.openclip_h(dtype=jdt) if full else CLIPTextConfig.openclip_h(

@@ -47,18 +47,7 @@ def _extra(p):
 
 def make_config(args):
   """(UNet3DConfig for ours, frames)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vidrd_jax.models.unet3d import UNet3DConfig  # pylint: disable=g-import-not-at-top
-  dtype = jnp.dtype(args.jax_dtype)
-  overrides = dict(dtype=dtype, attention_impl=args.attention, dropout=0.0, temp_conv_dropout=0.0)
-  if args.channels:
-    overrides["block_out_channels"] = tuple(int(c) for c in args.channels.split(","))
-  elif args.size == "small":
-    overrides["block_out_channels"] = (128, 256, 512, 512)
-  if args.size == "small" or args.channels:
-    # Heads of 64 channels, as in SD2.1, so the attention shapes stay realistic.
-    overrides["attention_head_dim"] = tuple(c // 64 for c in overrides["block_out_channels"])
-  cfg = UNet3DConfig.sd21_base(**overrides)
+  cfg = common.unet3d_config(args, args.channels, attention_impl=args.attention)
   frames = args.frames or (8 if args.size == "full" else 4)
   return cfg, frames
 

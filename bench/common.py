@@ -173,6 +173,31 @@ def compile_time(jitted, *args, **kwargs) -> tuple:
   return t1 - t0, t2 - t1, compiled, lowered_flops(lowered)
 
 
+# ------------------------------------------------------------------------------ the model
+
+
+# --size small: SD2.1-base's block layout with 2/5 of its channels.
+SMALL_UNET_CHANNELS = (128, 256, 512, 512)
+
+
+def unet3d_config(args: argparse.Namespace, channels: Optional[str] = None, **overrides: Any):
+  """SD2.1-base UNet3D at the benchmark's ``--size``, in ``args.jax_dtype``, dropout off.
+
+  ``channels``: comma-separated block_out_channels overriding the size's. Whenever the channels
+  differ from SD2.1-base's, heads stay 64 channels wide, as in SD2.1, so the attention shapes
+  stay realistic. ``overrides`` go to ``UNet3DConfig.sd21_base`` last.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.models.unet3d import UNet3DConfig  # pylint: disable=g-import-not-at-top
+  chans = (tuple(int(c) for c in channels.split(",")) if channels
+           else None if args.size == "full" else SMALL_UNET_CHANNELS)
+  kw: Dict[str, Any] = dict(dtype=jnp.dtype(args.jax_dtype), dropout=0.0, temp_conv_dropout=0.0)
+  if chans:
+    kw.update(block_out_channels=chans, attention_head_dim=tuple(c // 64 for c in chans))
+  kw.update(overrides)
+  return UNet3DConfig.sd21_base(**kw)
+
+
 # ------------------------------------------------------------------------------ FLOPs / MFU
 
 
