@@ -80,8 +80,8 @@ class DemoSettings:
   # this UNet is trained from scratch).
   temporal_init_scale: float = 0.1
   # Training clips encoded once by the trained VAE before the UNet trains on their latents
-  # (vidrd_jax.data.pack, the pod path): encoding every clip of 800 steps x 8 on the fly cost
-  # about a quarter of each step; each packed clip is seen about 3 times.
+  # (vidrd_jax.data.pack, the pod path): encoding every clip of every step on the fly cost
+  # about a quarter of each step; at 700 steps x 8 each packed clip is seen about 3 times.
   latent_clips: int = 2048
   # Stage 3: sampling.
   num_clips: int = 4
