@@ -76,6 +76,9 @@ def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentPars
     os.environ["JAX_PLATFORMS"] = "tpu"
   if "jax" in sys.modules:
     print("warning: jax imported before bench.common.parse_args; --device may be ignored", file=sys.stderr)
+  # As in any program that imports the package before starting a backend: its XLA:CPU kernel
+  # choice (vidrd_jax/__init__.py) applies to everything the benchmark compiles.
+  import vidrd_jax  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   backend = jax.default_backend()
   args.backend = backend
