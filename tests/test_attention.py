@@ -119,3 +119,35 @@ def test_splash_matches_xla():
   got = attention.dot_product_attention(q, k, v, implementation="splash")
   want = attention.dot_product_attention(q, k, v, implementation="xla")
   np.testing.assert_allclose(got, want, atol=2e-2)
+
+
+def test_per_batch_shard_runs_kernel_on_each_batch_shard():
+  """Under a sharded jit with the mesh in context, a kernel XLA could not partition (Pallas TPU
+  attention) runs per batch shard; the result equals the unsharded call."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((8, 128, 2, 16)), jnp.float32) for _ in range(3))
+  shapes_seen = []
+
+  def kernel(q, k, v):
+    shapes_seen.append(q.shape)
+    return attention._xla_attention(q, k, v, mask=None, scale=0.25, upcast=True)  # pylint: disable=protected-access
+
+  x_sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+  def sharded(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return attention.per_batch_shard(kernel, q, k, v)
+
+  out = jax.jit(sharded, in_shardings=(x_sh,) * 3, out_shardings=x_sh)(q, k, v)
+  assert shapes_seen[-1] == (1, 128, 2, 16)  # 8 examples over 2 x 4 devices
+  want = kernel(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6, rtol=1e-6)
+  # No mesh in context: the kernel sees the whole batch.
+  attention.per_batch_shard(kernel, q, k, v)
+  assert shapes_seen[-1] == (8, 128, 2, 16)
+  with pytest.raises(ValueError, match="does not split"):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      attention.per_batch_shard(kernel, q[:3], k[:3], v[:3])

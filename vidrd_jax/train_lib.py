@@ -13,6 +13,7 @@ gradients are only ever computed for the trainable leaves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -409,7 +410,17 @@ def frozen_shardings(frozen: PyTree, boxed_frozen: Optional[PyTree], mesh: Mesh,
 
 def jit_train_step(step_fn: Callable, state_sh: TrainState, batch_sh: PyTree, frozen_sh: PyTree,
                    mesh: Mesh) -> Callable:
-  """``jax.jit`` with explicit in/out shardings, donating the old state."""
+  """``jax.jit`` with explicit in/out shardings, donating the old state.
+
+  The step is traced with ``mesh`` in context, so kernels XLA cannot partition (Pallas TPU
+  attention) run per batch shard (``models.attention.per_batch_shard``).
+  """
   rep = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, frozen_sh),
+
+  @functools.wraps(step_fn)
+  def step_in_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step_fn(*args)
+
+  return jax.jit(step_in_mesh, in_shardings=(state_sh, batch_sh, frozen_sh),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))

@@ -99,9 +99,39 @@ def _splash_attention(q, k, v, *, mask, scale):
   lq, lk = q.shape[1], k.shape[1]
   if lq % 128 or lk % 128:
     return _xla_attention(q, k, v, mask=None, scale=scale, upcast=True)
-  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  out = tpu_flash.flash_attention(qt, kt, vt, sm_scale=scale)
-  return jnp.swapaxes(out, 1, 2)
+
+  def kernel(q, k, v):
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    return jnp.swapaxes(tpu_flash.flash_attention(qt, kt, vt, sm_scale=scale), 1, 2)
+
+  return per_batch_shard(kernel, q, k, v)
+
+
+def per_batch_shard(kernel, *args: jax.Array) -> jax.Array:
+  """``kernel(*args)`` on each device's slice of the batch (dim 0 of every arg and the output).
+
+  XLA cannot partition a Mosaic (Pallas TPU) kernel: under a jit whose inputs are sharded over
+  the mesh, the call must sit inside a ``shard_map``. The mesh is the one in context
+  (``jax.set_mesh`` / ``jax.sharding.use_abstract_mesh``; the trainer sets it around its step),
+  split over its data-parallel axes. Without a mesh, or when they are all of size 1, the kernel
+  runs as is.
+  """
+  from vidrd_jax.parallel.sharding import BATCH_AXES  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(*args)
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not batch_axes:
+    return kernel(*args)
+  shards = 1
+  for a in batch_axes:
+    shards *= mesh.shape[a]
+  if args[0].shape[0] % shards:
+    raise ValueError(f"attention batch {args[0].shape[0]} does not split over the mesh's "
+                     f"data-parallel axes {batch_axes} ({shards} shards)")
+  spec = jax.sharding.PartitionSpec(batch_axes)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
 
 
 @functools.lru_cache(maxsize=None)
