@@ -531,7 +531,11 @@ def sample_long_video(
         fresh = _draw_normals(keys, jnp.int32(clip), clip_shape, dtype)
       z_t = _next_clip_noise_jit(prev_init, fresh, m, jnp.float32(noise_recycle))
     step_keys = jax.vmap(lambda kk, c=clip: jax.random.fold_in(kk, 1_000_000 + c))(keys)
-    result = run(sampler, params, z_t, pair, gs, eta_arr, past, dsg_mask if clip > 0 else no_dsg, step_keys, clip)
+    # The mesh in context lets kernels XLA cannot partition (Pallas TPU attention) run per
+    # prompt shard (models.attention.per_batch_shard).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      result = run(sampler, params, z_t, pair, gs, eta_arr, past, dsg_mask if clip > 0 else no_dsg,
+                   step_keys, clip)
     finals.append(result.latents)
     inits.append(z_t)
     if record_frames:
