@@ -12,6 +12,15 @@ per-device batch 1, 8 devices.
 
   python -m bench.bench_train_memory                     # 8 CPU devices, appends to BENCHMARKS.md
   python -m bench.bench_train_memory --video             # VAE encoder inside the step as well
+  python -m bench.bench_train_memory --tpu-topology v5e:2x4   # TPU v5e x8 program, AOT
+
+The CPU backend computes bf16 matmuls and convolutions in float32 (it converts their operands),
+so its buffer assignment of a bf16 step holds float32 activations and float32 gathered weights:
+an overestimate for accelerators. ``--tpu-topology`` compiles the same step ahead of time for a
+TPU slice described by name (``jax.experimental.topologies``; needs ``libtpu`` importable, e.g.
+``pip install --target /tmp/libtpu "libtpu==0.0.42.*"`` and ``PYTHONPATH=/tmp/libtpu`` for jax
+0.10.2; no TPU needed) and reads the TPU compiler's own memory analysis, with the Pallas flash
+attention TPU training uses.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ def _extra(p):
   p.add_argument("--trainable", default="paper", help='"paper" or "all"')
   p.add_argument("--video", action="store_true",
                  help="feed 256x256 video and encode with the frozen VAE inside the step")
+  p.add_argument("--tpu-topology", default="",
+                 help="compile for this TPU slice ahead of time (e.g. v5e:2x4) instead of CPU devices")
 
 
 def main():
@@ -56,7 +67,14 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vidrd_jax import train, train_config, train_lib  # pylint: disable=g-import-not-at-top
 
-  n = jax.device_count()
+  mesh = None
+  if args.tpu_topology:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    from vidrd_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": -1}, devices=devices)
+    target = f"{len(devices)} x {devices[0].device_kind} ({args.tpu_topology}, AOT)"
+  n = mesh.size if mesh is not None else jax.device_count()
   config = train_config.base_config()
   config.model.unet = "sd21_base"
   config.model.vae = "sd21"
@@ -71,10 +89,12 @@ def main():
   config.global_batch_size = args.batch_per_device * n
   config.mesh.data = 1
   config.mesh.fsdp = -1
+  if mesh is not None:
+    config.model.attention_impl = "splash"
   workdir = os.path.join("/tmp", "bench_train_memory")
 
   t0 = time.perf_counter()
-  st = train.setup(config, workdir)
+  st = train.setup(config, workdir, mesh=mesh)
   t_setup = time.perf_counter() - t0
   t0 = time.perf_counter()
   lowered = st.train_step.lower(
@@ -118,16 +138,20 @@ def main():
       f"encoder{' and SD VAE' if args.video else ''} ({frozen_bytes / 2**30:.2f} GiB, sharded over fsdp). "
       f"{args.frames} frames x {args.resolution}x{args.resolution} "
       f"({'video, VAE-encoded in the step' if args.video else 'pre-encoded 32x32x4 latents'}), "
-      f"per-device batch {args.batch_per_device}, mesh fsdp={n} ({n} forced host devices), "
+      f"per-device batch {args.batch_per_device}, mesh fsdp={n} "
+      f"({target if mesh is not None else f'{n} forced host devices'}), "
       f"bf16 compute / float32 master weights, remat {'off' if args.no_remat else 'on'}, "
       f"AdamW + EMA on the trainable leaves. Compile only (`jax.jit(...).lower().compile()` on "
-      f"abstract inputs, `memory_analysis()` of the per-device program); the CPU backend's "
-      f"buffer assignment stands in for TPU/GPU, whose fusion and bf16 handling differ.\n\n"
+      f"abstract inputs, `memory_analysis()` of the per-device program); "
+      + ("the TPU compiler's own analysis, Pallas flash attention.\n\n" if mesh is not None else
+         "the CPU backend computes bf16 dots and convolutions in float32, so this overstates "
+         "an accelerator's memory (see `--tpu-topology`).\n\n")
       + common.markdown_table(["per device", "bytes"], rows)
       + f"\n\nGoal: fits 16 GiB per device -> **{'yes' if total < 16 * 2**30 else 'no'}**. "
       f"XLA FLOPs per device per step: {flops / 1e12:.2f} TFLOP. Setup (eval_shape, shardings) "
       f"{t_setup:.0f} s, lowering {t_lower:.0f} s, compile {t_compile:.0f} s.\n")
-  common.append_section("Training memory", body, args)
+  common.append_section("Training memory" + (f" ({args.tpu_topology}, AOT)" if mesh is not None else ""),
+                        body, args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Budget: a few seconds on CPU. cudnn / splash tests run only where that backend e
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,3 +153,25 @@ def test_per_batch_shard_runs_kernel_on_each_batch_shard():
   with pytest.raises(ValueError, match="does not split"):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       attention.per_batch_shard(kernel, q[:3], k[:3], v[:3])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu importable (ahead-of-time TPU compile; no TPU needed)")
+def test_splash_compiles_for_a_sharded_tpu_slice():
+  """Pallas TPU flash attention, forward and backward, on a batch sharded over a v5e x8 slice,
+  compiled ahead of time on this host: it only compiles with the mesh in context (shard_map)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from vidrd_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, devices=devices)
+  x = jax.ShapeDtypeStruct((16, 1024, 5, 64), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(sharding.BATCH_AXES)))
+
+  def loss(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      out = attention.dot_product_attention(q, k, v, implementation="splash")
+    return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+  assert compiled.as_text().count("tpu_custom_call") >= 2  # the kernels themselves, fwd + bwd
