@@ -16,7 +16,7 @@ All of them agree within the tolerance of their compute dtype (tests/test_attent
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,7 @@ def _splash_attention(q, k, v, *, mask, scale):
   return per_batch_shard(kernel, q, k, v)
 
 
-def per_batch_shard(kernel, *args: jax.Array) -> jax.Array:
+def per_batch_shard(kernel: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
   """``kernel(*args)`` on each device's slice of the batch (dim 0 of every arg and the output).
 
   XLA cannot partition a Mosaic (Pallas TPU) kernel: under a jit whose inputs are sharded over
