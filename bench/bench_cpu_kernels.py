@@ -3,8 +3,9 @@
 XLA:CPU sends convolutions, dots and reductions to YNNPACK by default (jaxlib 0.10.2:
 ``--xla_cpu_experimental_ynn_fusion_type`` = reduce, individual_dot, individual_convolution).
 ``import vidrd_jax`` takes convolutions out and adds YNNPACK's fusions of dots with their
-elementwise neighbours (``dot,reduce,individual_dot``), so convolutions run on Eigen. This script times each kind of op at the reduced UNet3D's shapes
-(batch 2 x 4 frames, 32x32 latents, float32) under both settings, compiled from the same
+elementwise neighbours (``dot,reduce,individual_dot``), so convolutions run on Eigen. This
+script times each kind of op at the reduced UNet3D's shapes (batch 2 x 4 frames, 32x32
+latents, float32) under both settings, compiled from the same
 lowered program with per-compile options, next to PyTorch's oneDNN kernels, so the choice can
 be re-checked on another CPU.
 
@@ -28,7 +29,7 @@ SETTINGS = {
 
 
 def _cases(np):
-  """(name, jax fn, numpy inputs, torch fn of torch inputs, torch inputs from numpy)."""
+  """(name, jax fn, numpy inputs, torch fn, torch inputs, axes taking torch's output to ours)."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from vidrd_jax.models.attention import dot_product_attention  # pylint: disable=g-import-not-at-top
@@ -46,12 +47,13 @@ def _cases(np):
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
         (x, w),
         lambda x, w: torch.nn.functional.conv2d(x, w, padding=1),
-        (nchw(x), torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))))))
+        (nchw(x), torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))),
+        (0, 2, 3, 1)))
   # Dense layers: GEGLU in-projection and attention projections at the first two levels.
   for m, k, n in ((8192, 128, 1024), (8192, 512, 128), (2048, 256, 2048), (512, 512, 4096)):
     a, b = randn(m, k), randn(k, n)
     cases.append((f"dense {m}x{k} @ {k}x{n}", lambda a, b: a @ b, (a, b), lambda a, b: a @ b,
-                  (torch.from_numpy(a), torch.from_numpy(b))))
+                  (torch.from_numpy(a), torch.from_numpy(b)), (0, 1)))
   # Attention [B, L, heads, 64]: spatial self, cross (77 text tokens), temporal (4 frames).
   for b, lq, lk, n in ((8, 1024, 1024, 2), (8, 1024, 77, 2), (8, 256, 256, 4), (2048, 4, 4, 2)):
     q, k = randn(b, lq, n, 64), randn(b, lk, n, 64)
@@ -59,7 +61,7 @@ def _cases(np):
         f"attention {b} x {lq} q x {lk} k x {n} heads",
         lambda q, k: dot_product_attention(q, k, k, implementation="xla"), (q, k),
         lambda q, k: torch.nn.functional.scaled_dot_product_attention(q, k, k),
-        (heads_first(q), heads_first(k))))
+        (heads_first(q), heads_first(k)), (0, 2, 1, 3)))
   return cases
 
 
@@ -72,7 +74,7 @@ def main():
   torch = common.setup_torch(args)
 
   rows = []
-  for name, jfn, inputs, tfn, tinputs in _cases(np):
+  for name, jfn, inputs, tfn, tinputs, to_ours in _cases(np):
     jinputs = [jax.numpy.asarray(x) for x in inputs]
     lowered = jax.jit(jfn).lower(*jinputs)
     times, outs = [], []
@@ -83,11 +85,7 @@ def main():
       times.append(common.time_fn(lambda c=compiled: c(*jinputs), warmup=args.warmup,
                                   iters=args.iters))
     t_torch = common.time_fn(lambda: tfn(*tinputs), warmup=args.warmup, iters=args.iters)
-    ref = tfn(*tinputs).numpy()
-    if name.startswith("attention"):
-      ref = ref.transpose(0, 2, 1, 3)
-    elif name.startswith("conv"):
-      ref = ref.transpose(0, 2, 3, 1)
+    ref = tfn(*tinputs).numpy().transpose(to_ours)
     err = max(float(np.abs(o - ref).max() / (np.abs(ref).max() + 1e-12)) for o in outs)
     rows.append([name] + [t.fmt() for t in times] + [t_torch.fmt(),
                  f"{times[0].median / t_torch.median:.2f}",

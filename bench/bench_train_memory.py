@@ -67,14 +67,11 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vidrd_jax import train, train_config, train_lib  # pylint: disable=g-import-not-at-top
 
-  mesh = None
+  devices = None
   if args.tpu_topology:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-    from vidrd_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
-    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": -1}, devices=devices)
-    target = f"{len(devices)} x {devices[0].device_kind} ({args.tpu_topology}, AOT)"
-  n = mesh.size if mesh is not None else jax.device_count()
+  n = len(devices) if devices else jax.device_count()
   config = train_config.base_config()
   config.model.unet = "sd21_base"
   config.model.vae = "sd21"
@@ -89,8 +86,12 @@ def main():
   config.global_batch_size = args.batch_per_device * n
   config.mesh.data = 1
   config.mesh.fsdp = -1
-  if mesh is not None:
+  mesh = None
+  if devices:
+    from vidrd_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    mesh = sharding_lib.make_mesh(config.mesh.to_dict(), devices=devices)
     config.model.attention_impl = "splash"
+    target = f"{n} x {devices[0].device_kind} ({args.tpu_topology}, AOT)"
   workdir = os.path.join("/tmp", "bench_train_memory")
 
   t0 = time.perf_counter()

@@ -16,6 +16,7 @@ All of them agree within the tolerance of their compute dtype (tests/test_attent
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional
 
 import jax
@@ -123,9 +124,7 @@ def per_batch_shard(kernel: Callable[..., jax.Array], *args: jax.Array) -> jax.A
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   if not batch_axes:
     return kernel(*args)
-  shards = 1
-  for a in batch_axes:
-    shards *= mesh.shape[a]
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
   if args[0].shape[0] % shards:
     raise ValueError(f"attention batch {args[0].shape[0]} does not split over the mesh's "
                      f"data-parallel axes {batch_axes} ({shards} shards)")
