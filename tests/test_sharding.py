@@ -38,6 +38,16 @@ def test_batch_must_divide_data_parallel_axes():
     sharding.check_batch_size(12, mesh)
 
 
+def test_data_parallel_axes_of_concrete_and_abstract_meshes():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  for m in (mesh, mesh.abstract_mesh):
+    assert sharding.data_parallel_axes(m) == (("data", "fsdp"), 4)
+    # Size-1 axes left out: what a shard_map over the batch needs.
+    assert sharding.data_parallel_axes(m, nontrivial=True) == (("fsdp",), 4)
+  tensor_only = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("tensor",))
+  assert sharding.data_parallel_axes(tensor_only) == ((), 1)
+
+
 class _Annotated(nn.Module):
   @nn.compact
   def __call__(self, x):

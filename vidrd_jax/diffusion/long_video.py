@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vidrd_jax.diffusion.schedule import DDIMScheduler
+from vidrd_jax.parallel import sharding as sharding_lib
 
 PyTree = Any
 # eps_fn(params, latents [B', F, h, w, C], timesteps [B'], context [B', L, D]) -> [B', F, h, w, C]:
@@ -47,8 +48,6 @@ PyTree = Any
 EpsFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
 
 DATA_AXIS = "data"
-# Mesh axes the prompt batch is split over when present (a training mesh's data and fsdp axes).
-BATCH_MESH_AXES = ("data", "fsdp")
 FRAME_AXIS = 1  # video latents are [B, F, h, w, C]
 
 
@@ -368,10 +367,11 @@ def make_data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 def batch_axes(mesh: Mesh) -> tuple[tuple[str, ...], int]:
   """The mesh axes prompts are sharded over and how many shards that makes."""
-  names = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+  names, shards = sharding_lib.data_parallel_axes(mesh)
   if not names:
-    raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_MESH_AXES} to shard prompts over")
-  return names, int(np.prod([mesh.shape[a] for a in names]))
+    raise ValueError(f"mesh axes {mesh.axis_names} include none of {sharding_lib.BATCH_AXES} to "
+                     f"shard prompts over")
+  return names, shards
 
 
 def _put(x: Any, mesh: Mesh, spec: P) -> jax.Array:

@@ -236,6 +236,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def data_parallel_axes(mesh, *, nontrivial: bool = False) -> tuple[tuple[str, ...], int]:
+  """The axes of ``BATCH_AXES`` that ``mesh`` (concrete or abstract) has, and their product.
+
+  ``nontrivial`` leaves out axes of size 1 (a ``shard_map`` over them only adds overhead).
+  """
+  names = tuple(a for a in BATCH_AXES
+                if a in mesh.axis_names and not (nontrivial and mesh.shape[a] == 1))
+  return names, math.prod(mesh.shape[a] for a in names)
+
+
 def batch_parallelism(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
