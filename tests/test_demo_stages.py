@@ -2,6 +2,7 @@
 (vidrd_jax.eval.caption_sensitivity) and the packed training latents."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +110,35 @@ def test_demo_packs_training_latents_once(pipe_and_clips, tmp_path):
   assert train_config.data.latents and train_config.data.sources == [
       {"kind": "packed", "path": out, "weight": 1.0}]
   assert config.data.sources[0]["kind"] == "synthetic" and not config.data.latents
+  # Other data options make other latents: the cached set is not reused for them.
+  changed = config.copy_and_resolve_references()
+  with changed.unlocked():
+    changed.data.sources = [{**dict(config.data.sources[0]), "start_band": 0.5}]
+  demo.pack_latents(changed, settings, init_dir, out)
+  assert (tmp_path / "latents" / packed.METADATA).stat().st_mtime_ns != stamp
+  src = packed.PackedSource(out, config.data.frames, config.data.resolution)
+  again = packed.decode_record(src._records[0])  # pylint: disable=protected-access
+  assert str(again["caption"]) == clip["caption"]  # same attributes, other start position
+  assert np.abs(again["latents"] - record["latents"]).max() > 0.1 * np.abs(want).max()
+
+
+def test_demo_forgets_training_on_other_latents(tmp_path):
+  from vidrd_jax import demo
+  latents, train = tmp_path / "latents", tmp_path / "train"
+  latents.mkdir()
+  (latents / "demo_spec.json").write_text(json.dumps({"sources": [{"start_band": 1.0}]}))
+  demo.forget_training_on_other_latents(str(latents), str(train))
+  (train / "checkpoints").mkdir()
+  # Same latents (a resumed run): the checkpoints stay.
+  demo.forget_training_on_other_latents(str(latents), str(train))
+  assert (train / "checkpoints").is_dir()
+  # Latents encoded again from other data: training starts over.
+  (latents / "demo_spec.json").write_text(json.dumps({"sources": [{"start_band": 0.25}]}))
+  demo.forget_training_on_other_latents(str(latents), str(train))
+  assert not (train / "checkpoints").exists()
+  assert json.loads((train / "latents_spec.json").read_text()) == {"sources": [{"start_band": 0.25}]}
+  # A training folder from before the marker existed is not trusted either.
+  (train / "latents_spec.json").unlink()
+  (train / "checkpoints").mkdir()
+  demo.forget_training_on_other_latents(str(latents), str(train))
+  assert not (train / "checkpoints").exists()

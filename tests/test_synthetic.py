@@ -111,6 +111,40 @@ def test_long_video_continues_across_windows():
   np.testing.assert_array_equal(src.render(attrs, frames=16)[:8], src[2]["video"])
 
 
+def test_start_band_puts_the_shape_mid_frame_mid_clip():
+  # start_band < 1: the shape crosses the middle of the frame half-way through the clip, so
+  # a single frame tells the direction (moving right: on the left early, on the right late).
+  frames, n = 9, 32
+  # Shapes whose centroid is the centre of their box.
+  kw = dict(speed_range=(0.08, 0.08), shapes=("circle", "square"))
+  src = SyntheticVideoSource(64, frames, n, start_band=0.25, **kw)
+  uniform = SyntheticVideoSource(64, frames, n, **kw)
+  for i in range(64):
+    attrs, plain = src.attributes(i), uniform.attributes(i)
+    # Only the start position along the motion changes; the same draws otherwise.
+    assert {k: v for k, v in attrs.items() if k not in ("x0", "y0")} == {
+        k: v for k, v in plain.items() if k not in ("x0", "y0")}
+    vx, vy = synthetic.DIRECTIONS[attrs["direction"]]
+    along, across = ("x0", "y0") if vx else ("y0", "x0")
+    assert attrs[across] == plain[across]
+    video = src.render(attrs)
+    cx, cy = _torus_centroid(video[frames // 2], synthetic.BACKGROUNDS["black"])
+    # Pixel i spans [i, i + 1): the centroid's pixel index + 0.5 is the position.
+    mid = ((cx if vx else cy) + 0.5) / n
+    # Within half the band of the middle (on the torus; 0.01 for the anti-aliased edges).
+    assert abs(np.mod(mid, 1.0) - 0.5) <= 0.125 + 0.01
+    first = (_torus_centroid(video[0], synthetic.BACKGROUNDS["black"])[0 if vx else 1] + 0.5) / n
+    # Frame 0 is on the side the shape comes from: 0.5 - 4 x 0.08 +- 0.125 from the middle.
+    assert (vx or vy) * (0.5 - first) > 0.15
+  # cross_band: the position across the motion is centred too; along it nothing changes.
+  both = SyntheticVideoSource(64, frames, n, start_band=0.25, cross_band=0.5, **kw)
+  for i in range(64):
+    attrs = both.attributes(i)
+    along, across = ("x0", "y0") if synthetic.DIRECTIONS[attrs["direction"]][0] else ("y0", "x0")
+    assert attrs[along] == src.attributes(i)[along]
+    assert abs(attrs[across] - 0.5) <= 0.25
+
+
 def test_grain_pipeline_reads_the_source():
   src = SyntheticVideoSource(16, 4, 16)
   ds = grain.MapDataset.source(src).shuffle(seed=0).map(lambda r: r["video"]).batch(4)
@@ -124,6 +158,9 @@ def test_grain_pipeline_reads_the_source():
     (dict(split="test"), "split"),
     (dict(colors=("red", "purple")), "purple"),
     (dict(holdout=[("red", "hexagon", "left")]), "holdout"),
+    (dict(start_band=0.0), "start_band"),
+    (dict(start_band=1.5), "start_band"),
+    (dict(cross_band=-0.1), "cross_band"),
     (dict(colors=("red",), shapes=("circle",), directions=("left",), split="train"),
      "no .* combinations"),
 ])

@@ -298,12 +298,20 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
   from vidrd_jax.data import pack as pack_lib  # pylint: disable=g-import-not-at-top
   from vidrd_jax.data import packed  # pylint: disable=g-import-not-at-top
 
-  meta_file = os.path.join(out_dir, packed.METADATA)
-  if os.path.isfile(meta_file):
-    with open(meta_file) as f:
-      if json.load(f).get("num_records") == settings.latent_clips:
+  # What the latents were made from: a change of data options (or of the VAE) re-encodes them.
+  spec = {"sources": [dict(s) for s in config.data.sources], "frames": int(config.data.frames),
+          "resolution": int(config.data.resolution), "num_records": int(settings.latent_clips),
+          "seed": int(config.seed),
+          # The init pipeline (and its VAE) is rewritten only by a fresh start.
+          "init_written": os.path.getmtime(os.path.join(init_dir, "vidrd.json"))}
+  spec = json.loads(json.dumps(spec, default=_json_default))
+  spec_file = os.path.join(out_dir, "demo_spec.json")
+  if os.path.isfile(os.path.join(out_dir, packed.METADATA)) and os.path.isfile(spec_file):
+    with open(spec_file) as f:
+      if json.load(f) == spec:
         _log(f"latents: reusing {out_dir}")
         return out_dir
+    _log(f"latents: data options or VAE changed since {out_dir} was written; encoding again")
   t0 = time.perf_counter()
   pipe = pipeline_lib.load_pipeline(init_dir)
   tmp = out_dir + ".tmp"
@@ -312,11 +320,37 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
                 resolution=config.data.resolution, num_records=settings.latent_clips,
                 seed=config.seed, encode_fn=pipe.encode_frames, latent_dtype="float32",
                 batch_size=64, prefix="latents")
+  with open(os.path.join(tmp, "demo_spec.json"), "w") as f:
+    json.dump(spec, f, indent=1)
   shutil.rmtree(out_dir, ignore_errors=True)
   os.rename(tmp, out_dir)
   _log(f"latents: {settings.latent_clips} training clips encoded in "
        f"{time.perf_counter() - t0:.0f} s -> {out_dir}")
   return out_dir
+
+
+def forget_training_on_other_latents(latents_dir: str, train_dir: str) -> None:
+  """Removes ``train_dir`` unless its run trained on ``latents_dir`` as it is now.
+
+  A resumed run must continue on the data it started with: when the latents were encoded
+  again (other data options, another VAE), the old checkpoints are discarded.
+  """
+  with open(os.path.join(latents_dir, "demo_spec.json")) as f:
+    spec = json.load(f)
+  marker = os.path.join(train_dir, "latents_spec.json")
+  if os.path.isdir(train_dir):
+    same = False
+    if os.path.isfile(marker):
+      with open(marker) as f:
+        same = json.load(f) == spec
+    if same:
+      return
+    _log(f"training: {train_dir} was trained on other latents; starting over")
+    shutil.rmtree(train_dir)
+  os.makedirs(train_dir)
+  with open(marker + ".tmp", "w") as f:
+    json.dump(spec, f, indent=1)
+  os.replace(marker + ".tmp", marker)
 
 
 def on_latents(config, latents_dir: str):
@@ -534,8 +568,9 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
   init_dir = build_init_pipeline(config, settings, vae_cfg, vae_params, os.path.join(work, "init"),
                                  seed=config.seed)
   latents_dir = pack_latents(config, settings, init_dir, os.path.join(work, "latents"))
-  pipe, train_result = train_unet(on_latents(config, latents_dir), init_dir,
-                                  os.path.join(work, "train"))
+  train_dir = os.path.join(work, "train")
+  forget_training_on_other_latents(latents_dir, train_dir)
+  pipe, train_result = train_unet(on_latents(config, latents_dir), init_dir, train_dir)
   timing["train_s"] = time.perf_counter() - t
 
   t = time.perf_counter()

@@ -178,7 +178,8 @@ class SyntheticVideoSource:
                holdout: Sequence[tuple[str, str, str]] | None = None, split: str = "train",
                sizes: Sequence[str] = DEFAULT_SIZES,
                backgrounds: Sequence[str] = DEFAULT_BACKGROUNDS,
-               speed_range: tuple[float, float] = DEFAULT_SPEED):
+               speed_range: tuple[float, float] = DEFAULT_SPEED, start_band: float = 1.0,
+               cross_band: float = 1.0):
     """Creates the source.
 
     Args:
@@ -193,6 +194,14 @@ class SyntheticVideoSource:
       split: ``"train"`` (all triples except held-out ones), ``"heldout"`` (only held-out ones) or
         ``"all"``.
       speed_range: (min, max) speed in frame sides per frame.
+      start_band: width, as a fraction of the frame side, of the band that the start position
+        along the direction of motion is drawn from. 1.0 (default): uniform on the torus, so
+        every frame on its own is the same for all directions and the direction is only a
+        relation between frames. Below 1: the band is placed so that the shape crosses the
+        middle of the frame half-way through the clip (give or take ``start_band / 2``), so a
+        shape moving right starts on the left; every frame then shows where it is heading.
+      cross_band: the same for the position across the motion (centred mid-frame); 1.0
+        (default) keeps it uniform. Both below 1 make every caption's trajectory nearly fixed.
     """
     if num_records < 1:
       raise ValueError(f"num_records must be >= 1, got {num_records}")
@@ -216,6 +225,9 @@ class SyntheticVideoSource:
     lo, hi = speed_range
     if not 0 <= lo <= hi:
       raise ValueError(f"speed_range must satisfy 0 <= min <= max, got {speed_range}")
+    for name, band in (("start_band", start_band), ("cross_band", cross_band)):
+      if not 0 < band <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {band}")
     self.num_records = int(num_records)
     self.frames = int(frames)
     self.resolution = int(resolution)
@@ -226,6 +238,8 @@ class SyntheticVideoSource:
     self.sizes = tuple(sizes)
     self.backgrounds = tuple(backgrounds)
     self.speed_range = (float(lo), float(hi))
+    self.start_band = float(start_band)
+    self.cross_band = float(cross_band)
     self.split = split
     all_triples = list(itertools.product(self.colors, self.shapes, self.directions))
     if holdout is None:
@@ -257,15 +271,30 @@ class SyntheticVideoSource:
     index %= self.num_records
     rng = np.random.default_rng([self.seed, index])
     color, shape, direction = self.triples[rng.integers(len(self.triples))]
+    size = self.sizes[rng.integers(len(self.sizes))]
+    background = self.backgrounds[rng.integers(len(self.backgrounds))]
+    speed = float(rng.uniform(*self.speed_range))
+    start = rng.uniform(size=2)  # (x0, y0), uniform on the torus
+    if self.start_band < 1:
+      # Along the motion: centred so that the shape is mid-frame at frame (F - 1) / 2.
+      vx, vy = DIRECTIONS[direction]
+      axis = 0 if vx else 1
+      sign = vx or vy
+      centre = 0.5 - sign * speed * (self.frames - 1) / 2
+      start[axis] = np.mod(centre + (start[axis] - 0.5) * self.start_band, 1.0)
+    if self.cross_band < 1:
+      vx, _ = DIRECTIONS[direction]
+      axis = 1 if vx else 0
+      start[axis] = 0.5 + (start[axis] - 0.5) * self.cross_band
     return {
         "color": color,
         "shape": shape,
         "direction": direction,
-        "size": self.sizes[rng.integers(len(self.sizes))],
-        "background": self.backgrounds[rng.integers(len(self.backgrounds))],
-        "speed": float(rng.uniform(*self.speed_range)),
-        "x0": float(rng.uniform()),
-        "y0": float(rng.uniform()),
+        "size": size,
+        "background": background,
+        "speed": speed,
+        "x0": float(start[0]),
+        "y0": float(start[1]),
     }
 
   def caption(self, attributes: Mapping[str, Any]) -> str:
