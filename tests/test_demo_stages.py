@@ -12,20 +12,26 @@ import pytest
 from vidrd_jax.data import synthetic
 
 
+def _random_demo_vae(settings, res):
+  """The demo's tiny VAE with random weights: (config, params)."""
+  from vidrd_jax import demo
+  from vidrd_jax.models import vae as vae_lib
+  vae_cfg = vae_lib.AutoencoderKLConfig.tiny(
+      temporal=settings.vae_temporal, norm_num_groups=settings.norm_groups,
+      block_out_channels=tuple(settings.vae_channels))
+  vae_params = demo.nn_unbox(vae_lib.AutoencoderKL(vae_cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1, res, res, 3)))["params"])
+  return dataclasses.replace(vae_cfg, scaling_factor=1.0), vae_params
+
+
 @pytest.fixture(scope="module")
 def pipe_and_clips(tmp_path_factory):
   from vidrd_jax import demo
   from vidrd_jax import pipeline as pipeline_lib
-  from vidrd_jax.models import vae as vae_lib
   config = demo.load_config(demo.DEFAULT_CONFIG, quick=True)
   settings = demo.quick_settings()
-  vae_cfg = vae_lib.AutoencoderKLConfig.tiny(
-      temporal=settings.vae_temporal, norm_num_groups=settings.norm_groups,
-      block_out_channels=tuple(settings.vae_channels))
   res = config.data.resolution
-  vae_params = demo.nn_unbox(vae_lib.AutoencoderKL(vae_cfg).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1, res, res, 3)))["params"])
-  vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=1.0)
+  vae_cfg, vae_params = _random_demo_vae(settings, res)
   out = demo.build_init_pipeline(config, settings, vae_cfg, vae_params,
                                  str(tmp_path_factory.mktemp("sens") / "init"))
   pipe = pipeline_lib.load_pipeline(out)
@@ -142,3 +148,39 @@ def test_demo_forgets_training_on_other_latents(tmp_path):
   (train / "checkpoints").mkdir()
   demo.forget_training_on_other_latents(str(latents), str(train))
   assert not (train / "checkpoints").exists()
+
+
+def test_demo_unet_attention_levels():
+  from vidrd_jax import demo
+  from vidrd_jax.models import text_encoder as text_lib
+  from vidrd_jax.models import vae as vae_lib
+  config = demo.load_config(demo.DEFAULT_CONFIG, quick=True)
+  vae_cfg = vae_lib.AutoencoderKLConfig.tiny(block_out_channels=(32, 32, 64), norm_num_groups=8)
+  text_cfg = text_lib.CLIPTextConfig.tiny()
+  default = demo.unet_config(config, demo.DemoSettings(), vae_cfg, text_cfg)
+  assert default.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+  assert default.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D")
+  both = demo.unet_config(config, demo.DemoSettings(unet_attention_levels=2), vae_cfg, text_cfg)
+  assert both.down_block_types == ("CrossAttnDownBlock2D",) * 2
+  assert both.up_block_types == ("CrossAttnUpBlock2D",) * 2
+  with pytest.raises(ValueError, match="unet_attention_levels must be in"):
+    demo.unet_config(config, demo.DemoSettings(unet_attention_levels=3), vae_cfg, text_cfg)
+
+
+def test_demo_init_pipeline_is_rebuilt_for_other_unet_settings(tmp_path):
+  from vidrd_jax import demo
+  from vidrd_jax import pipeline as pipeline_lib
+  config = demo.load_config(demo.DEFAULT_CONFIG, quick=True)
+  settings = demo.quick_settings()
+  vae_cfg, vae_params = _random_demo_vae(settings, config.data.resolution)
+  out = str(tmp_path / "init")
+  stamp = lambda: (tmp_path / "init" / "vidrd.json").stat().st_mtime_ns
+  demo.build_init_pipeline(config, settings, vae_cfg, vae_params, out)
+  first = stamp()
+  demo.build_init_pipeline(config, settings, vae_cfg, vae_params, out)
+  assert stamp() == first  # same settings: reused
+  wider = dataclasses.replace(settings, unet_attention_levels=2)
+  demo.build_init_pipeline(config, wider, vae_cfg, vae_params, out)
+  assert stamp() != first
+  unet_cfg, *_ = pipeline_lib.read_configs(out)
+  assert unet_cfg.down_block_types == ("CrossAttnDownBlock2D",) * 2

@@ -75,6 +75,9 @@ class DemoSettings:
   # Stage 2: the UNet3D (overrides of UNet3DConfig.tiny).
   unet_channels: tuple[int, ...] = (32, 64)
   unet_heads: int = 2
+  # Levels (from the finest) whose blocks carry transformers (cross- and temporal attention);
+  # the mid block always does. 1: only the 8x8 level, as UNet3DConfig.tiny.
+  unet_attention_levels: int = 1
   # Small non-zero start of the temporal layers' output projections (UNet3DConfig's
   # temporal_init_scale; 0 is the paper's zero init, meant for inflating a pretrained SD, while
   # this UNet is trained from scratch).
@@ -250,7 +253,15 @@ def nn_unbox(tree):
 def unet_config(config, settings: DemoSettings, vae_cfg, text_cfg):
   """The demo's tiny UNet3DConfig (what ``build_init_pipeline`` initialises)."""
   from vidrd_jax.models import unet3d  # pylint: disable=g-import-not-at-top
+  levels = len(settings.unet_channels)
+  if not 0 <= settings.unet_attention_levels <= levels:
+    raise ValueError(f"unet_attention_levels must be in [0, {levels}], got "
+                     f"{settings.unet_attention_levels}")
+  down = tuple("CrossAttnDownBlock2D" if i < settings.unet_attention_levels else "DownBlock2D"
+               for i in range(levels))
+  up = tuple(t.replace("Down", "Up") for t in reversed(down))
   return unet3d.UNet3DConfig.tiny(
+      down_block_types=down, up_block_types=up,
       block_out_channels=tuple(settings.unet_channels), attention_head_dim=settings.unet_heads,
       norm_num_groups=settings.norm_groups, temporal_init_scale=settings.temporal_init_scale,
       cross_attention_dim=text_cfg.hidden_size,
@@ -264,11 +275,15 @@ def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out
   from vidrd_jax.models import text_encoder as text_lib  # pylint: disable=g-import-not-at-top
   from vidrd_jax.models import unet3d  # pylint: disable=g-import-not-at-top
 
-  if os.path.isdir(out_dir) and not pipeline_lib.missing_pieces(out_dir):
-    _log(f"init pipeline: reusing {out_dir}")
-    return out_dir
   text_cfg = text_lib.CLIPTextConfig.tiny()
   unet_cfg = unet_config(config, settings, vae_cfg, text_cfg)
+  if os.path.isdir(out_dir) and not pipeline_lib.missing_pieces(out_dir):
+    saved_unet, *_ = pipeline_lib.read_configs(out_dir)
+    if saved_unet.to_diffusers() == unet_cfg.to_diffusers():
+      _log(f"init pipeline: reusing {out_dir}")
+      return out_dir
+    # Other UNet settings: a new start point (and, through its new stamp, new latents and training).
+    _log(f"init pipeline: {out_dir} holds another UNet config; initialising again")
   k_unet, k_text = jax.random.split(jax.random.PRNGKey(seed + 2))
   # Jitted: op-by-op initialisation of the UNet3D on CPU takes tens of seconds.
   unet_params = jax.jit(lambda k: nn_unbox(unet3d.init_params(unet_cfg, k)))(k_unet)
