@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -167,20 +168,20 @@ def test_demo_unet_attention_levels():
     demo.unet_config(config, demo.DemoSettings(unet_attention_levels=3), vae_cfg, text_cfg)
 
 
-def test_demo_init_pipeline_is_rebuilt_for_other_unet_settings(tmp_path):
+def test_demo_init_pipeline_is_reused_only_for_the_same_unet(pipe_and_clips, tmp_path):
   from vidrd_jax import demo
-  from vidrd_jax import pipeline as pipeline_lib
-  config = demo.load_config(demo.DEFAULT_CONFIG, quick=True)
+  from vidrd_jax.models import text_encoder as text_lib
+  pipe, _, _, _, init_dir, config = pipe_and_clips
   settings = demo.quick_settings()
   vae_cfg, vae_params = _random_demo_vae(settings, config.data.resolution)
-  out = str(tmp_path / "init")
-  stamp = lambda: (tmp_path / "init" / "vidrd.json").stat().st_mtime_ns
-  demo.build_init_pipeline(config, settings, vae_cfg, vae_params, out)
-  first = stamp()
-  demo.build_init_pipeline(config, settings, vae_cfg, vae_params, out)
-  assert stamp() == first  # same settings: reused
-  wider = dataclasses.replace(settings, unet_attention_levels=2)
-  demo.build_init_pipeline(config, wider, vae_cfg, vae_params, out)
-  assert stamp() != first
-  unet_cfg, *_ = pipeline_lib.read_configs(out)
-  assert unet_cfg.down_block_types == ("CrossAttnDownBlock2D",) * 2
+  text_cfg = text_lib.CLIPTextConfig.tiny()
+  same = demo.unet_config(config, settings, vae_cfg, text_cfg)
+  wider = demo.unet_config(config, dataclasses.replace(settings, unet_attention_levels=2),
+                           vae_cfg, text_cfg)
+  assert demo.holds_unet(init_dir, same)
+  assert not demo.holds_unet(init_dir, wider)  # build_init_pipeline would initialise again
+  assert not demo.holds_unet(str(tmp_path / "nothing"), same)
+  # Same settings: build_init_pipeline returns the folder as it is.
+  stamp = os.path.getmtime(os.path.join(init_dir, "vidrd.json"))
+  assert demo.build_init_pipeline(config, settings, vae_cfg, vae_params, init_dir) == init_dir
+  assert os.path.getmtime(os.path.join(init_dir, "vidrd.json")) == stamp

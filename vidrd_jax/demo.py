@@ -268,6 +268,15 @@ def unet_config(config, settings: DemoSettings, vae_cfg, text_cfg):
       sample_size=config.data.resolution // vae_cfg.downsample_factor)
 
 
+def holds_unet(pipeline_dir: str, unet_cfg) -> bool:
+  """Whether ``pipeline_dir`` is a complete pipeline whose UNet has the config ``unet_cfg``."""
+  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(pipeline_dir) or pipeline_lib.missing_pieces(pipeline_dir):
+    return False
+  saved_unet, *_ = pipeline_lib.read_configs(pipeline_dir)
+  return saved_unet.to_diffusers() == unet_cfg.to_diffusers()
+
+
 def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out_dir: str,
                         seed: int = 0) -> str:
   """Writes the start point of training: random tiny UNet3D, trained VAE, random text encoder."""
@@ -277,13 +286,12 @@ def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out
 
   text_cfg = text_lib.CLIPTextConfig.tiny()
   unet_cfg = unet_config(config, settings, vae_cfg, text_cfg)
-  if os.path.isdir(out_dir) and not pipeline_lib.missing_pieces(out_dir):
-    saved_unet, *_ = pipeline_lib.read_configs(out_dir)
-    if saved_unet.to_diffusers() == unet_cfg.to_diffusers():
-      _log(f"init pipeline: reusing {out_dir}")
-      return out_dir
+  if holds_unet(out_dir, unet_cfg):
+    _log(f"init pipeline: reusing {out_dir}")
+    return out_dir
+  if os.path.isdir(out_dir):
     # Other UNet settings: a new start point (and, through its new stamp, new latents and training).
-    _log(f"init pipeline: {out_dir} holds another UNet config; initialising again")
+    _log(f"init pipeline: {out_dir} is incomplete or holds another UNet config; initialising again")
   k_unet, k_text = jax.random.split(jax.random.PRNGKey(seed + 2))
   # Jitted: op-by-op initialisation of the UNet3D on CPU takes tens of seconds.
   unet_params = jax.jit(lambda k: nn_unbox(unet3d.init_params(unet_cfg, k)))(k_unet)
