@@ -330,10 +330,9 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
   spec = json.loads(json.dumps(spec, default=_json_default))
   spec_file = os.path.join(out_dir, "demo_spec.json")
   if os.path.isfile(os.path.join(out_dir, packed.METADATA)) and os.path.isfile(spec_file):
-    with open(spec_file) as f:
-      if json.load(f) == spec:
-        _log(f"latents: reusing {out_dir}")
-        return out_dir
+    if _json_file_equals(spec_file, spec):
+      _log(f"latents: reusing {out_dir}")
+      return out_dir
     _log(f"latents: data options or VAE changed since {out_dir} was written; encoding again")
   t0 = time.perf_counter()
   pipe = pipeline_lib.load_pipeline(init_dir)
@@ -352,6 +351,14 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
   return out_dir
 
 
+def _json_file_equals(path: str, obj: Any) -> bool:
+  """Whether the JSON file ``path`` exists and holds ``obj``."""
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return json.load(f) == obj
+
+
 def forget_training_on_other_latents(latents_dir: str, train_dir: str) -> None:
   """Removes ``train_dir`` unless its run trained on ``latents_dir`` as it is now.
 
@@ -362,11 +369,7 @@ def forget_training_on_other_latents(latents_dir: str, train_dir: str) -> None:
     spec = json.load(f)
   marker = os.path.join(train_dir, "latents_spec.json")
   if os.path.isdir(train_dir):
-    same = False
-    if os.path.isfile(marker):
-      with open(marker) as f:
-        same = json.load(f) == spec
-    if same:
+    if _json_file_equals(marker, spec):
       return
     _log(f"training: {train_dir} was trained on other latents; starting over")
     shutil.rmtree(train_dir)

@@ -275,17 +275,14 @@ class SyntheticVideoSource:
     background = self.backgrounds[rng.integers(len(self.backgrounds))]
     speed = float(rng.uniform(*self.speed_range))
     start = rng.uniform(size=2)  # (x0, y0), uniform on the torus
+    vx, vy = DIRECTIONS[direction]
+    along = 0 if vx else 1  # index of the coordinate the shape moves along; 1 - along: across
     if self.start_band < 1:
-      # Along the motion: centred so that the shape is mid-frame at frame (F - 1) / 2.
-      vx, vy = DIRECTIONS[direction]
-      axis = 0 if vx else 1
-      sign = vx or vy
-      centre = 0.5 - sign * speed * (self.frames - 1) / 2
-      start[axis] = np.mod(centre + (start[axis] - 0.5) * self.start_band, 1.0)
+      # Centred so that the shape is mid-frame at frame (F - 1) / 2.
+      centre = 0.5 - (vx or vy) * speed * (self.frames - 1) / 2
+      start[along] = np.mod(centre + (start[along] - 0.5) * self.start_band, 1.0)
     if self.cross_band < 1:
-      vx, _ = DIRECTIONS[direction]
-      axis = 1 if vx else 0
-      start[axis] = 0.5 + (start[axis] - 0.5) * self.cross_band
+      start[1 - along] = 0.5 + (start[1 - along] - 0.5) * self.cross_band
     return {
         "color": color,
         "shape": shape,
