@@ -150,7 +150,7 @@ def test_non_finite_step_is_skipped(paper_setups):
   assert int(new.step) == 1
 
 
-def test_kill_and_resume_matches_uninterrupted_run(paper_setups, tmp_path):
+def test_kill_and_resume_matches_uninterrupted_run(paper_setups, tmp_path, monkeypatch):
   config, _, _, _ = paper_setups
   config = config.copy_and_resolve_references()
   config.checkpoint_every = 100
@@ -183,6 +183,17 @@ def test_kill_and_resume_matches_uninterrupted_run(paper_setups, tmp_path):
   assert os.path.isdir(os.path.join(resumed_dir, "checkpoints", "3"))
   assert full_losses == resumed_losses
 
+  # A run restored at its last step compiles nothing, trains nothing and gives the same state.
+  def no_compile(self):
+    raise AssertionError("compiled a train step with no step left")
+  monkeypatch.setattr(train.Setup, "compiled_step", no_compile)
+  again = train.train_and_evaluate(config, resumed_dir)
+  assert again["step"] == 6 and not again["preempted"]
+  for a, b in zip(jax.tree.leaves(jax.device_get(second["state"])),
+                  jax.tree.leaves(jax.device_get(again["state"]))):
+    np.testing.assert_array_equal(a, b)
+  assert losses(resumed_dir) == resumed_losses
+
 
 def test_overfits_a_fixed_batch(paper_setups):
   # The paper's trainable set (temporal layers + transformer blocks) on one device; random
@@ -213,12 +224,39 @@ def test_bad_configs_fail_before_compiling(tmp_path):
     train.setup(tiny_config(global_batch_size=8, grad_accum_steps=2), str(tmp_path))
   with pytest.raises(ValueError, match="match no parameter"):
     train.setup(tiny_config(trainable="no_such_layer"), str(tmp_path))
+  with pytest.raises(ValueError, match="timestep_sampling must be .* got 'cosine'"):
+    train.setup(tiny_config(timestep_sampling="cosine"), str(tmp_path))
+  with pytest.raises(ValueError, match="timestep_logit_std must be > 0"):
+    train.setup(tiny_config(timestep_logit_std=0.0), str(tmp_path))
+  with pytest.raises(ValueError, match=r"model.temp_conv_dropout must be in \[0, 1\), got 1.5"):
+    train.setup(tiny_config(**{"model.temp_conv_dropout": 1.5}), str(tmp_path))
+  comp = train.build_components(tiny_config(**{"model.temp_conv_dropout": 0.0}), str(tmp_path))
+  assert comp.unet_config.temp_conv_dropout == 0.0
   with pytest.raises(ValueError, match=r"wrong shape \(1\): a/kernel \(3, 4\) vs model \(3, 5\)"):
     train.check_shapes("UNet", {"a": {"kernel": np.zeros((3, 4))}},
                        {"a": {"kernel": jax.ShapeDtypeStruct((3, 5), jnp.float32)}})
   with pytest.raises(ValueError, match="missing .*b/bias"):
     train.check_shapes("UNet", {"a": {"kernel": np.zeros((3, 4))}},
                        {"a": {"kernel": np.zeros((3, 4))}, "b": {"bias": np.zeros(3)}})
+
+
+def test_timestep_sampling_densities():
+  n, b = 1000, 20000
+  rng = jax.random.PRNGKey(3)
+  uniform = np.asarray(train_lib.sample_timesteps(rng, b, n, train_lib.StepConfig()))
+  # The reference's draw, bit for bit.
+  np.testing.assert_array_equal(uniform, np.asarray(jax.random.randint(rng, (b,), 0, n)))
+  for mean, std in ((0.0, 1.0), (1.0, 1.0), (-0.5, 2.0)):
+    cfg = train_lib.StepConfig(timestep_sampling="logit_normal", timestep_logit_mean=mean,
+                               timestep_logit_std=std)
+    t = np.asarray(train_lib.sample_timesteps(rng, b, n, cfg))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= n - 1
+    # The logit of t / T is N(mean, std): its sample moments, up to the flooring to integers.
+    logit = np.log((t + 0.5) / (n - t - 0.5))
+    assert abs(np.median(logit) - mean) < 0.05 * std + 0.01, (mean, np.median(logit))
+    assert abs(np.std(logit) - std) < 0.05 * std, (std, np.std(logit))
+  with pytest.raises(ValueError, match="timestep_sampling must be"):
+    train_lib.sample_timesteps(rng, 4, n, train_lib.StepConfig(timestep_sampling="cosine"))
 
 
 def test_every_config_file_is_complete():

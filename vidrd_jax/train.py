@@ -80,7 +80,7 @@ def _unet_config(config):
   overrides = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
                    attention_impl=m.attention_impl or None, remat=m.remat,
                    add_temp_conv=m.add_temp_conv, add_temp_embed=m.add_temp_embed,
-                   add_temp_attn=m.add_temp_attn)
+                   add_temp_attn=m.add_temp_attn, temp_conv_dropout=float(m.temp_conv_dropout))
   return unet3d.UNet3DConfig, overrides
 
 
@@ -361,7 +361,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setu
       prediction_type=config.model.prediction_type, caption_dropout=config.caption_dropout,
       grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
       ema_warmup=config.ema_warmup, latent_scale=float(comp.vae_config.scaling_factor),
-      sample_posterior=config.sample_posterior, compute_dtype=_dtype(config.model.dtype))
+      sample_posterior=config.sample_posterior, compute_dtype=_dtype(config.model.dtype),
+      timestep_sampling=config.timestep_sampling,
+      timestep_logit_mean=float(config.timestep_logit_mean),
+      timestep_logit_std=float(config.timestep_logit_std))
   step_fn = functools.partial(train_lib.train_step, models=models, tx=tx, mask=mask,
                               schedule=schedule, cfg=step_config)
   jitted = train_lib.jit_train_step(
@@ -484,10 +487,13 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, st: Any, *,
     data_it.set_state(data_state)
 
   # Compile once up front: errors surface before the first batch, and XLA's cost analysis
-  # gives the step's FLOPs for MFU.
-  compiled = st.compiled_step()
-  flops = st.step_flops_per_device()
-  peak = metrics_lib.peak_flops_per_device()
+  # gives the step's FLOPs for MFU. A run restored at its last step has nothing to compile for.
+  if start_step < config.num_steps:
+    compiled = st.compiled_step()
+    flops = st.step_flops_per_device()
+    peak = metrics_lib.peak_flops_per_device()
+  else:
+    logging.info("checkpoint step %d: no step left of num_steps=%d", start_step, config.num_steps)
 
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
   watcher = checkpointing.PreemptionWatcher().install()

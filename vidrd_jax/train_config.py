@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
       add_temp_conv=True,
       add_temp_embed=True,
       add_temp_attn=True,
+      # Dropout inside the UNet's TemporalConvLayers: the reference hard-codes 0.1 (for
+      # fine-tuning a pretrained SD); its masks cost ~10 % of a tiny model's CPU step.
+      temp_conv_dropout=0.1,
       prediction_type="epsilon",  # "epsilon" (SD2.1-base) or "v_prediction" (SD2.1-768)
   ))
   # Trainable parameters: regexes over "/"-joined UNet parameter paths, comma-separated;
@@ -90,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.trainable = "paper"
   config.frozen = ""              # regexes removed from the trainable set
   config.caption_dropout = 0.1    # classifier-free guidance: P(caption -> "")
+  # Training timestep density (vidrd_jax.train_lib.sample_timesteps): "uniform" (the
+  # reference) or "logit_normal" (t / T = sigmoid(mean + std * N(0, 1))).
+  config.timestep_sampling = "uniform"
+  config.timestep_logit_mean = 0.0
+  config.timestep_logit_std = 1.0
   config.ema_decay = 0.9999
   config.ema_warmup = True
   config.sample_posterior = True  # VAE posterior sample (True) or mean as the latent
@@ -163,6 +171,15 @@ def check_config(config: ml_collections.ConfigDict, base: ml_collections.ConfigD
   if config.global_batch_size % config.grad_accum_steps:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
                      f"grad_accum_steps {config.grad_accum_steps}")
+  if "timestep_sampling" in config:
+    if config.timestep_sampling not in ("uniform", "logit_normal"):
+      raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', "
+                       f"got {config.timestep_sampling!r}")
+    if not config.timestep_logit_std > 0:
+      raise ValueError(f"timestep_logit_std must be > 0, got {config.timestep_logit_std}")
+  if "model" in config and "temp_conv_dropout" in config.model:
+    if not 0.0 <= config.model.temp_conv_dropout < 1.0:
+      raise ValueError(f"model.temp_conv_dropout must be in [0, 1), got {config.model.temp_conv_dropout}")
   if "caption_dropout" in config and not 0.0 <= config.caption_dropout < 1.0:
     raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
   if "ema_decay" in config and not 0.0 <= config.ema_decay < 1.0:

@@ -237,6 +237,12 @@ class StepConfig:
   latent_scale: float = 0.18215
   sample_posterior: bool = True           # VAE posterior sample (True) or its mean
   compute_dtype: Any = jnp.float32
+  # Timestep density: "uniform" over [0, T), as the reference, or "logit_normal": t / T =
+  # sigmoid(mean + std * n) (Esser et al. 2024, "Scaling Rectified Flow Transformers"), which
+  # with mean > 0 trains more often at the noisy steps, where the layout is decided.
+  timestep_sampling: str = "uniform"
+  timestep_logit_mean: float = 0.0
+  timestep_logit_std: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +270,20 @@ def encode_latents(models: Models, frozen: Mapping[str, Any], batch: Mapping[str
   return jax.lax.stop_gradient(mean * cfg.latent_scale)
 
 
+def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int,
+                     cfg: StepConfig) -> jax.Array:
+  """Training timesteps [B] int32 in [0, num_train_timesteps), drawn as ``cfg`` says."""
+  n = num_train_timesteps
+  if cfg.timestep_sampling == "uniform":
+    return jax.random.randint(rng, (batch,), 0, n)
+  if cfg.timestep_sampling == "logit_normal":
+    u = jax.nn.sigmoid(cfg.timestep_logit_mean
+                       + cfg.timestep_logit_std * jax.random.normal(rng, (batch,), jnp.float32))
+    return jnp.clip(jnp.floor(u * n), 0, n - 1).astype(jnp.int32)
+  raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', "
+                   f"got {cfg.timestep_sampling!r}")
+
+
 def diffusion_loss(params: PyTree, models: Models, frozen: Mapping[str, Any],
                    batch: Mapping[str, jax.Array], rng: jax.Array, cfg: StepConfig) -> jax.Array:
   """Mean squared error of the UNet's epsilon / v prediction on one (micro)batch."""
@@ -277,7 +297,7 @@ def diffusion_loss(params: PyTree, models: Models, frozen: Mapping[str, Any],
     ids = jnp.where(drop[:, None], frozen["uncond_ids"].astype(ids.dtype), ids)
   ctx = jax.lax.stop_gradient(models.text_encoder.apply({"params": frozen["text_encoder"]}, ids))
   sched = models.scheduler
-  t = jax.random.randint(r_t, (b,), 0, sched.num_train_timesteps)
+  t = sample_timesteps(r_t, b, sched.num_train_timesteps, cfg)
   noise = jax.random.normal(r_noise, latents.shape, jnp.float32)
   noisy = sched.add_noise(latents, noise, t)
   if cfg.prediction_type == "epsilon":
