@@ -21,7 +21,6 @@ Shapes:
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time

@@ -20,7 +20,6 @@ the training loop polls it after each step, saves, waits for the write and exits
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import signal

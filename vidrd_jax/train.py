@@ -27,13 +27,12 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vidrd_jax import checkpointing
 from vidrd_jax import metrics as metrics_lib

@@ -17,7 +17,6 @@ import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
