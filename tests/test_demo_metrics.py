@@ -12,7 +12,7 @@ from vidrd_jax.eval import detector, metrics
     (8, 32, {}),
     (32, 32, {}),   # long videos: several wrap-arounds
     (8, 16, {}),
-    (8, 32, dict(sizes=("small", "medium", "large"), backgrounds=("black", "gray", "white"))),
+    (8, 32, dict(sizes=("small", "medium", "large", "xlarge"), backgrounds=("black", "gray", "white"))),
     (8, 32, dict(colors=tuple(synthetic.COLORS), shapes=synthetic.SHAPES)),
 ])
 def test_detector_is_exact_on_real_clips(frames, resolution, kwargs):

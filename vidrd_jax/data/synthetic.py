@@ -50,7 +50,7 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "down": (0.0, 1.0),
 }
 # Shape "radius" (half the bounding-box side) as a fraction of the frame side.
-SIZES: dict[str, float] = {"small": 0.14, "medium": 0.18, "large": 0.22}
+SIZES: dict[str, float] = {"small": 0.14, "medium": 0.18, "large": 0.22, "xlarge": 0.3}
 # Grey level in [0, 1]; unsaturated, so hue is carried by the shape only.
 BACKGROUNDS: dict[str, float] = {"black": 0.05, "gray": 0.35, "white": 0.85}
 
