@@ -13,6 +13,15 @@ from typing import Any
 
 import ml_collections
 
+# The values the train step knows (vidrd_jax.train_lib); checked here before anything compiles.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def one_of(names: tuple[str, ...]) -> str:
+  """"'a' or 'b'": the allowed values, for error messages."""
+  return " or ".join(repr(n) for n in names)
+
 
 def _optimizer() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -172,8 +181,8 @@ def check_config(config: ml_collections.ConfigDict, base: ml_collections.ConfigD
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
                      f"grad_accum_steps {config.grad_accum_steps}")
   if "timestep_sampling" in config:
-    if config.timestep_sampling not in ("uniform", "logit_normal"):
-      raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', "
+    if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
+      raise ValueError(f"timestep_sampling must be {one_of(TIMESTEP_SAMPLINGS)}, "
                        f"got {config.timestep_sampling!r}")
     if not config.timestep_logit_std > 0:
       raise ValueError(f"timestep_logit_std must be > 0, got {config.timestep_logit_std}")
@@ -185,8 +194,8 @@ def check_config(config: ml_collections.ConfigDict, base: ml_collections.ConfigD
   if "ema_decay" in config and not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
   pt = config.model.get("prediction_type")
-  if pt is not None and pt not in ("epsilon", "v_prediction"):
-    raise ValueError(f"model.prediction_type must be 'epsilon' or 'v_prediction', got {pt!r}")
+  if pt is not None and pt not in PREDICTION_TYPES:
+    raise ValueError(f"model.prediction_type must be {one_of(PREDICTION_TYPES)}, got {pt!r}")
 
 
 def parse_rules(spec: str) -> list[tuple[str, Any]]:

@@ -25,6 +25,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vidrd_jax import train_config
 from vidrd_jax.parallel import sharding as sharding_lib
 
 PyTree = Any
@@ -279,7 +280,7 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int,
     u = jax.nn.sigmoid(cfg.timestep_logit_mean
                        + cfg.timestep_logit_std * jax.random.normal(rng, (batch,), jnp.float32))
     return jnp.clip(jnp.floor(u * n), 0, n - 1).astype(jnp.int32)
-  raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', "
+  raise ValueError(f"timestep_sampling must be {train_config.one_of(train_config.TIMESTEP_SAMPLINGS)}, "
                    f"got {cfg.timestep_sampling!r}")
 
 
@@ -304,7 +305,8 @@ def diffusion_loss(params: PyTree, models: Models, frozen: Mapping[str, Any],
   elif cfg.prediction_type == "v_prediction":
     target = sched.get_velocity(latents, noise, t)
   else:
-    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
+    raise ValueError(f"prediction_type must be {train_config.one_of(train_config.PREDICTION_TYPES)}, "
+                     f"got {cfg.prediction_type!r}")
   pred = models.unet.apply({"params": params}, noisy.astype(cfg.compute_dtype), t,
                            ctx.astype(cfg.compute_dtype), train=True, rngs={"dropout": r_dropout})
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
