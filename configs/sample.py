@@ -31,8 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eta = 0.0
   config.seed = 0
 
-  config.height = 256
-  config.width = 256
+  # 0: the size the checkpoint was trained at (vidrd_jax.train exports record it), else the
+  # reference's 256x256.
+  config.height = 0
+  config.width = 0
   config.fps = 8.0
   # Decode each frame alone, as the released reference does (default: temporal VAE over each clip).
   config.reference_exact = False

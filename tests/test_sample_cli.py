@@ -156,3 +156,29 @@ def test_run_reports_missing_checkpoint_pieces(tmp_path, converted):
     sample.run(_config(checkpoint=converted))
   with pytest.raises(ValueError, match="overlap"):
     sample.run(_config(checkpoint=converted, prompt="x", overlap=9))
+
+
+def test_sampling_defaults_to_the_size_a_checkpoint_was_trained_at(pipe, converted, tmp_path):
+  from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  # A converted checkpoint records no training size: the reference's 256x256.
+  assert pipe.native_size == pipeline_lib.REFERENCE_SIZE == (256, 256)
+  # A vidrd_jax.train export records it (tests/test_train.py checks the export itself).
+  trained = pipeline_lib.save_pipeline(str(tmp_path / "trained"), pipe,
+                                       info={"trained_on": {"height": 16, "width": 24, "frames": 3}})
+  small = pipeline_lib.load_pipeline(trained)
+  assert small.native_size == (16, 24)
+  kw = dict(num_clips=1, frames_per_clip=3, overlap=1, num_steps=1, guidance_scale=1.0)
+  assert long_video.generate(small, ["a boat"], **kw).frames.shape == (1, 3, 16, 24, 3)
+  # Explicit sizes still win.
+  assert long_video.generate(small, ["a boat"], height=32, width=16, **kw).frames.shape == (1, 3, 32, 16, 3)
+
+  # The CLI's height = width = 0 (its default) means the same, and the sidecar records the size used.
+  config = _config(checkpoint=trained, prompt="a boat", output_dir=str(tmp_path / "out"), num_clips=1,
+                   frames_per_clip=3, overlap=1, num_steps=1, guidance_scale=1.0, progress=False)
+  assert (config.height, config.width) == (0, 0)
+  (record,) = sample.run(config)
+  assert record["frame_size"] == [16, 24]
+  assert (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
+  config.height = -16
+  with pytest.raises(ValueError, match=r"height=-16 .*\(or 0: the checkpoint.s own size, here 16\)"):
+    sample.run(config)

@@ -161,6 +161,10 @@ def test_kill_and_resume_matches_uninterrupted_run(paper_setups, tmp_path, monke
   config.export = False
   # The export is a pipeline directory holding the EMA weights.
   pipe = pipeline.load_pipeline(str(tmp_path / "full" / "export"))
+  # It records the clip size it trained on, which sampling defaults to.
+  r = config.data.resolution
+  assert pipe.info["trained_on"] == {"height": r, "width": r, "frames": config.data.frames}
+  assert pipe.native_size == (r, r)
   ema = train_lib.merge(jax.device_get(full["state"].params), jax.device_get(full["state"].ema_params))
   for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(jax.device_get(pipe.params["unet"]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

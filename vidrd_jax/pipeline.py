@@ -40,6 +40,9 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 INFO_FILE = "vidrd.json"
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
 PARAMS_DIR = "params"
+# The reference's inference size (SD2.1-base, VidRD release), for pipelines that do not record
+# the size they were trained at (converted checkpoints).
+REFERENCE_SIZE = (256, 256)
 
 # SD2.x's training schedule (the LDM configs' linear_start/linear_end, "scaled_linear" in
 # diffusers) as a DDIM sampler config; the prediction type depends on the checkpoint.
@@ -132,6 +135,20 @@ class Pipeline:
   @property
   def vae_downsample_factor(self) -> int:
     return int(self.vae.config.downsample_factor)
+
+  @property
+  def native_size(self) -> tuple[int, int]:
+    """(height, width) in pixels to sample at when the caller names none.
+
+    What ``vidrd.json``'s ``trained_on`` records (``vidrd_jax.train`` exports write it: a model
+    trained on 32x32 clips samples 32x32 by default, not 64x the pixels), else the reference's
+    256x256.
+    """
+    trained = self.info.get("trained_on") or {}
+    try:
+      return int(trained["height"]), int(trained["width"])
+    except (KeyError, TypeError, ValueError):
+      return REFERENCE_SIZE
 
   # ----------------------------------------------------------------------------------- text
 

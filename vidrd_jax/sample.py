@@ -134,9 +134,12 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
                                     attention_impl=config.attention_impl or None,
                                     shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   factor = long_video.pixel_size_multiple(pipe)
+  size = dict(zip(("height", "width"), pipe.native_size))
   for name in ("height", "width"):
-    if config[name] <= 0 or config[name] % factor:
-      raise ValueError(f"{name}={config[name]} must be a positive multiple of {factor} for this model")
+    if config[name] < 0 or config[name] % factor:
+      raise ValueError(f"{name}={config[name]} must be a positive multiple of {factor} for this model "
+                       f"(or 0: the checkpoint's own size, here {size[name]})")
+    size[name] = config[name] or size[name]
   load_s = time.time() - started
 
   ndev = jax.device_count()
@@ -169,7 +172,7 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
         pipe, batch, num_clips=config.num_clips, frames_per_clip=config.frames_per_clip,
         overlap=config.overlap, noise_recycle=config.noise_recycle, staged_guidance=config.staged_guidance,
         noise_alpha=config.noise_alpha, num_steps=config.num_steps, guidance_scale=config.guidance_scale,
-        negative_prompt=config.negative_prompt, eta=config.eta, height=config.height, width=config.width,
+        negative_prompt=config.negative_prompt, eta=config.eta, height=size["height"], width=size["width"],
         seed=config.seed, reference_exact=config.reference_exact, prompt_ids=range(first, first + len(batch)),
         mesh=mesh, progress=progress)
     elapsed = time.time() - t0
@@ -188,7 +191,8 @@ def run(config: ml_collections.ConfigDict) -> list[dict]:
           "files": {"mp4": stem + ".mp4", "gif": stem + ".gif"},
           "num_frames": int(out.frames.shape[1]),
           "frame_size": [int(out.frames.shape[2]), int(out.frames.shape[3])],
-          "settings": _settings(config),
+          # The sizes actually used, so that the settings regenerate this video.
+          "settings": {**_settings(config), **size},
           # Noise of this prompt comes from fold_in(PRNGKey(seed), index).
           "noise_id": index,
           "scheduler": pipe.scheduler.to_config(),

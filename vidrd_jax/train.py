@@ -398,18 +398,23 @@ def ema_unet_params(setup_: Setup, state: train_lib.TrainState) -> PyTree:
   return state.params
 
 
-def export_pipeline(setup_: Setup, state: train_lib.TrainState, frozen: PyTree, out_dir: str) -> None:
+def export_pipeline(setup_: Setup, state: train_lib.TrainState, frozen: PyTree, out_dir: str,
+                    data_config: Optional[ml_collections.ConfigDict] = None) -> None:
   """Writes the EMA UNet + frozen VAE / text encoder in the converted pipeline format.
 
-  ``python -m vidrd_jax.sample --config.checkpoint=<out_dir>`` samples from it.
+  ``python -m vidrd_jax.sample --config.checkpoint=<out_dir>`` samples from it; with
+  ``data_config`` (``config.data``) the clip size it trained on is recorded as ``trained_on``,
+  the size sampling then defaults to.
   """
   from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   gather = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
   pipe = _pipeline(setup_, gather(ema_unet_params(setup_, state)), gather(frozen))
   if jax.process_index() == 0:
-    pipeline_lib.save_pipeline(out_dir, pipe, info={"source": "vidrd_jax.train",
-                                                    "step": int(jax.device_get(state.step))},
-                               overwrite=True)
+    info = {"source": "vidrd_jax.train", "step": int(jax.device_get(state.step))}
+    if data_config is not None:
+      r = int(data_config.resolution)
+      info["trained_on"] = {"height": r, "width": r, "frames": int(data_config.frames)}
+    pipeline_lib.save_pipeline(out_dir, pipe, info=info, overwrite=True)
 
 
 def write_samples(config, setup_: Setup, state, frozen, workdir: str, step: int,
@@ -450,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_train = train_lib.count_params(st.abstract_state.ema_params)
   logging.info("UNet parameters: %d total, %d trainable (%.1f%%)", n_total, n_train,
                100.0 * n_train / max(n_total, 1))
-  export = lambda state, frozen, out: export_pipeline(st, state, frozen, out)
+  export = lambda state, frozen, out: export_pipeline(st, state, frozen, out, config.data)
   sample = lambda state, frozen, step, writer: write_samples(config, st, state, frozen, workdir,
                                                              step, writer)
   return run_loop(config, workdir, st, export_fn=export,

@@ -606,8 +606,8 @@ def generate(
     guidance_scale: float = 10.0,
     negative_prompt: Sequence[str] | str | None = "watermark",
     eta: float = 0.0,
-    height: int = 256,
-    width: int = 256,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
     seed: int = 0,
     init_latents: Optional[np.ndarray | jax.Array] = None,
     clip_noise: Optional[np.ndarray | jax.Array] = None,
@@ -637,7 +637,9 @@ def generate(
     guidance_scale: classifier-free guidance w (CFG runs when w > 1).
     negative_prompt: the unconditional text (one string, or one per prompt; None: "").
     eta: DDIM eta.
-    height, width: output size in pixels (multiples of :func:`pixel_size_multiple`: 64 for SD2.1).
+    height, width: output size in pixels (multiples of :func:`pixel_size_multiple`: 64 for SD2.1);
+      None: ``pipe.native_size``, the size a ``vidrd_jax.train`` export was trained at, else
+      the reference's 256x256.
     seed: PRNG seed (prompt b uses fold_in(key(seed), prompt_ids[b]): same seed, same video).
     init_latents: optional first-clip z_T [B, N, h, w, C].
     clip_noise: optional standard-normal [B, K-1, N, h, w, C] fresh noise for clips 1..K-1.
@@ -664,6 +666,9 @@ def generate(
       negative_prompt, "negative_prompt")
   if len(negatives) not in (1, batch):
     raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+  native_h, native_w = pipe.native_size
+  height = native_h if height is None else height
+  width = native_w if width is None else width
   factor = pixel_size_multiple(pipe)
   for name, size in (("height", height), ("width", width)):
     if size <= 0 or size % factor:
