@@ -42,6 +42,34 @@ def test_detector_reads_uint8_and_degraded_videos():
   assert exact["all_correct"] == 1.0
   degraded = metrics.caption_following(videos, targets)
   assert all(a >= 0.9 for a in degraded["accuracy"].values()), degraded["accuracy"]
+  # 60 of 60 hits: chance alone (1/4 for colour) essentially never does that.
+  assert exact["num"] == 60 and exact["hits"]["color"] == 60
+  assert exact["p_at_chance"]["color"] == pytest.approx(0.25**60)
+  assert exact["interval95"]["color"][1] == 1.0 and exact["interval95"]["color"][0] > 0.93
+
+
+def test_accuracy_uncertainty_against_chance():
+  # The README's reading of a 6-of-12 direction score: 5 % likely at chance 1/4.
+  assert metrics.binomial_tail(6, 12, 0.25) == pytest.approx(0.0544, abs=1e-4)
+  assert metrics.binomial_tail(0, 12, 0.25) == pytest.approx(1.0)
+  assert metrics.binomial_tail(12, 12, 0.5) == pytest.approx(0.5**12)
+  # Against a direct sum of the binomial pmf.
+  n, p = 12, 1 / 3
+  pmf = [np.prod(range(n - i + 1, n + 1)) / np.prod(range(1, i + 1)) * p**i * (1 - p)**(n - i)
+         for i in range(n + 1)]
+  for k in range(n + 1):
+    assert metrics.binomial_tail(k, n, p) == pytest.approx(sum(pmf[k:]))
+  # Wilson 95 % interval: a published value (Newcombe 1998, 81 of 263: 0.2553-0.3662), its
+  # symmetry, and that it holds the estimate.
+  low, high = metrics.wilson_interval(81, 263)
+  assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
+  low, high = metrics.wilson_interval(3, 12)
+  assert low < 0.25 < high
+  assert metrics.wilson_interval(9, 12) == pytest.approx(tuple(1 - x for x in reversed((low, high))))
+  with pytest.raises(ValueError, match="0 <= k <= n"):
+    metrics.binomial_tail(13, 12, 0.25)
+  with pytest.raises(ValueError, match="n > 0"):
+    metrics.wilson_interval(0, 0)
 
 
 def test_detector_on_blank_and_static_videos():

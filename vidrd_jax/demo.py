@@ -696,12 +696,16 @@ def print_summary(result: dict[str, Any]) -> None:
   following = result["caption_following"]
   lines = ["", "=" * 72, f"Caption following on {result['num_videos']} held-out long videos "
            f"(analytic detector; the detector on {result['detector_on_real']['num']} real clips):"]
-  lines.append(f"  {'attribute':<10} {'VidRD':>7} {'indep.':>7} {'chance':>7} {'goal':>7} {'detector':>9}")
+  lines.append(f"  {'attribute':<10} {'VidRD':>7} {'indep.':>7} {'chance':>7} {'goal':>7} {'detector':>9}"
+               "   VidRD: hits, P(as many by chance), 95% interval")
   for a in metrics_lib.ATTRIBUTES:
-    chance = following["vidrd"]["chance"][a]
-    lines.append(f"  {a:<10} {following['vidrd']['accuracy'][a]:7.3f} "
+    v = following["vidrd"]
+    chance = v["chance"][a]
+    low, high = v["interval95"][a]
+    lines.append(f"  {a:<10} {v['accuracy'][a]:7.3f} "
                  f"{following['independent']['accuracy'][a]:7.3f} {chance:7.3f} "
-                 f"{metrics_lib.goal(chance):7.3f} {result['detector_on_real']['accuracy'][a]:9.3f}")
+                 f"{metrics_lib.goal(chance):7.3f} {result['detector_on_real']['accuracy'][a]:9.3f}"
+                 f"   {v['hits'][a]}/{v['num']}, p={v['p_at_chance'][a]:.3f}, [{low:.2f}, {high:.2f}]")
   b = result["boundary"]
   lines.append("Boundary ratio (mean change across clip seams / inside clips; 1.0 = seamless):")
   lines.append(f"  VidRD {b['vidrd']['ratio']:.3f}   independent clips {b['independent']['ratio']:.3f}"

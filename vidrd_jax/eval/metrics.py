@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -79,8 +80,12 @@ def caption_following(videos: Sequence[np.ndarray], targets: Sequence[Mapping[st
     colors, shapes, directions: the vocabularies (chance = 1 / vocabulary size).
 
   Returns:
-    ``{"accuracy": {attr: float}, "chance": {attr: float}, "all_correct": float,
-    "detections": [Detection.as_dict() per video]}``.
+    ``{"accuracy": {attr: float}, "chance": {attr: float}, "all_correct": float, "num": n,
+    "hits": {attr: int}, "p_at_chance": {attr: float}, "interval95": {attr: [low, high]},
+    "detections": [Detection.as_dict() per video]}``. With a dozen videos an accuracy is a
+    coarse estimate: ``p_at_chance`` is the probability of at least this many hits for a model
+    that picks the attribute at random (one-sided binomial test against chance), and
+    ``interval95`` the 95 % Wilson score interval of the accuracy.
   """
   if len(videos) != len(targets):
     raise ValueError(f"{len(videos)} videos but {len(targets)} targets")
@@ -95,12 +100,36 @@ def caption_following(videos: Sequence[np.ndarray], targets: Sequence[Mapping[st
     for a in ATTRIBUTES:
       hits[a].append(getattr(d, a) == target[a])
   hits = {a: np.asarray(h) for a, h in hits.items()}
+  n = len(videos)
+  chance = {a: 1.0 / len(vocab[a]) for a in ATTRIBUTES}
+  counts = {a: int(h.sum()) for a, h in hits.items()}
   return {
       "accuracy": {a: float(h.mean()) for a, h in hits.items()},
-      "chance": {a: 1.0 / len(vocab[a]) for a in ATTRIBUTES},
+      "chance": chance,
       "all_correct": float(np.logical_and.reduce([hits[a] for a in ATTRIBUTES]).mean()),
+      "num": n,
+      "hits": counts,
+      "p_at_chance": {a: binomial_tail(counts[a], n, chance[a]) for a in ATTRIBUTES},
+      "interval95": {a: list(wilson_interval(counts[a], n)) for a in ATTRIBUTES},
       "detections": detections,
   }
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+  """P(X >= k) for X ~ Binomial(n, p): how often chance alone scores k or more of n."""
+  if not 0 <= k <= n:
+    raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+  return float(min(1.0, sum(math.comb(n, i) * p**i * (1.0 - p)**(n - i) for i in range(k, n + 1))))
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """The Wilson score interval of a proportion k / n (95 % for the default z)."""
+  if n <= 0 or not 0 <= k <= n:
+    raise ValueError(f"need n > 0 and 0 <= k <= n, got k={k}, n={n}")
+  phat = k / n
+  centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+  return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def goal(chance: float, fraction: float = 0.6) -> float:
