@@ -6,7 +6,8 @@
 #
 # Meant for the lent GPU machine, whose image has CUDA builds of jax and torch but not
 # diffusers or ml_collections: those travel as wheels in .whl/ (and diffusers 0.31, the Flax
-# peer, in .whl31/), installed with --target so the image's own packages stay as they are.
+# peer, in .whl31/; `bash bench/gpu_wheels.sh` fetches both), installed with --target so the
+# image's own packages stay as they are.
 # Logs and the updated BENCHMARKS.md go to $OUT (default ./gpu_out). MFU_ARGS: extra flags of bench_mfu.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
