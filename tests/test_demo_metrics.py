@@ -197,3 +197,23 @@ def test_demo_unet_starts_with_small_temporal_layers_and_predicts_v():
   assert settings.temporal_init_scale > 0
   assert cfg.temporal_init_scale == settings.temporal_init_scale
   assert config.model.prediction_type == "v_prediction"
+
+
+def test_per_clip_accuracy_tells_reversed_clips():
+  # Two-clip videos: clip 0 moves as captioned; clip 1 either continues or plays clip 0
+  # backwards (a motion turned back at the seam, as VidRD's reversed overlap can make it).
+  targets, forward, turned = [], [], []
+  for i, direction in enumerate(synthetic.DEFAULT_DIRECTIONS):
+    v = synthetic.render_video("green", "square", direction, frames=16, resolution=32, speed=0.0625,
+                               x0=0.3 + 0.1 * i, y0=0.4)
+    forward.append(v)
+    turned.append(np.concatenate([v[:8], v[:8][::-1]]))
+    targets.append({"color": "green", "shape": "square", "direction": direction})
+  ok = metrics.per_clip_accuracy(forward, targets, 8)
+  assert ok == {"color": [1.0, 1.0], "shape": [1.0, 1.0], "direction": [1.0, 1.0]}
+  back = metrics.per_clip_accuracy(turned, targets, 8)
+  assert back["direction"] == [1.0, 0.0] and back["color"] == [1.0, 1.0]
+  with pytest.raises(ValueError, match="do not split into clips of 6"):
+    metrics.per_clip_accuracy(forward, targets, 6)
+  with pytest.raises(ValueError, match="clip_frames must be >= 2"):
+    metrics.per_clip_accuracy(forward, targets, 1)

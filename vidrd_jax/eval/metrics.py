@@ -115,6 +115,32 @@ def caption_following(videos: Sequence[np.ndarray], targets: Sequence[Mapping[st
   }
 
 
+def per_clip_accuracy(videos: Sequence[np.ndarray], targets: Sequence[Mapping[str, Any]],
+                      clip_frames: int, **vocab: Sequence[str]) -> dict[str, list[float]]:
+  """Caption following of each clip of long videos on its own: ``{attr: [accuracy of clip k]}``.
+
+  VidRD starts clip k > 0 from clip k-1's last frames in reverse order (FNR, DSG), so a motion
+  the model does not tie to the caption turns back at the seams; scoring clip by clip tells a
+  model that ignores the direction word (every clip at chance) from one whose motion the
+  long-video strategies reverse (clip 0 right, later clips not).
+
+  Args:
+    videos: sequence of [K * clip_frames, H, W, 3] videos.
+    targets: per video, the intended ``color``, ``shape`` and ``direction``.
+    clip_frames: N, frames per clip.
+    **vocab: ``colors``, ``shapes``, ``directions`` as for :func:`caption_following`.
+  """
+  if clip_frames < 2:
+    raise ValueError(f"clip_frames must be >= 2 (motion needs two frames), got {clip_frames}")
+  lengths = {len(v) for v in videos}
+  if len(lengths) != 1 or next(iter(lengths)) % clip_frames:
+    raise ValueError(f"videos of {sorted(lengths)} frames do not split into clips of {clip_frames}")
+  clips = next(iter(lengths)) // clip_frames
+  per_clip = [caption_following([v[k * clip_frames:(k + 1) * clip_frames] for v in videos], targets,
+                                **vocab)["accuracy"] for k in range(clips)]
+  return {a: [acc[a] for acc in per_clip] for a in ATTRIBUTES}
+
+
 def binomial_tail(k: int, n: int, p: float) -> float:
   """P(X >= k) for X ~ Binomial(n, p): how often chance alone scores k or more of n."""
   if not 0 <= k <= n:
