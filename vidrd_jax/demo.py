@@ -709,10 +709,9 @@ def print_summary(result: dict[str, Any]) -> None:
                  f"{following['independent']['accuracy'][a]:7.3f} {chance:7.3f} "
                  f"{metrics_lib.goal(chance):7.3f} {result['detector_on_real']['accuracy'][a]:9.3f}"
                  f"   {v['hits'][a]}/{v['num']}, p={v['p_at_chance'][a]:.3f}, [{low:.2f}, {high:.2f}]")
-  if "per_clip_accuracy" in following["vidrd"]:
-    per_clip = lambda m: " ".join(f"{x:.2f}" for x in following[m]["per_clip_accuracy"]["direction"])
-    lines.append(f"Direction clip by clip: VidRD {per_clip('vidrd')}   independent clips "
-                 f"{per_clip('independent')}")
+  per_clip = lambda m: " ".join(f"{x:.2f}" for x in following[m]["per_clip_accuracy"]["direction"])
+  lines.append(f"Direction clip by clip: VidRD {per_clip('vidrd')}   independent clips "
+               f"{per_clip('independent')}")
   b = result["boundary"]
   lines.append("Boundary ratio (mean change across clip seams / inside clips; 1.0 = seamless):")
   lines.append(f"  VidRD {b['vidrd']['ratio']:.3f}   independent clips {b['independent']['ratio']:.3f}"
