@@ -384,6 +384,44 @@ def test_temporal_conv_matmul_equals_torch_conv3d(frames):
   assert err <= TOL * want.std(), f"max abs err {err:.2e} (std {want.std():.2e})"
 
 
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (8, 8)])
+def test_upsample_subpixel_equals_torch_upsample_then_conv(size):
+  """layers.Upsample2D (four 2x2 phase convs at H x W) is torch's nearest x2 then a 3x3 conv.
+
+  Forward and gradients (input and kernel) against the direct upsample-then-conv, on 5D input.
+  """
+  from vidrd_jax.models.layers import Upsample2D  # pylint: disable=g-import-not-at-top
+  h, w = size
+  torch.manual_seed(h * 10 + w)
+  c_in, c_out = 12, 20
+  ref = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+  x = torch.randn(2 * 3, c_in, h, w, requires_grad=True)
+  want = ref(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+  cotangent = torch.randn_like(want)
+  want.backward(cotangent)
+  module = Upsample2D(c_out)
+  x5 = jnp.asarray(x.detach().numpy().transpose(0, 2, 3, 1).reshape(2, 3, h, w, c_in))
+  params = nn.unbox(module.init(jax.random.key(0), x5)["params"])
+  # The reference's parameter layout: checkpoints convert unchanged.
+  assert params["conv"]["kernel"].shape == (3, 3, c_in, c_out)
+  params = {"conv": {"kernel": jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0)),
+                     "bias": jnp.asarray(ref.bias.detach().numpy())}}
+  got, vjp = jax.vjp(lambda p, v: module.apply({"params": p}, v), params, x5)
+  assert got.shape == (2, 3, 2 * h, 2 * w, c_out)
+  want_np = want.detach().numpy().transpose(0, 2, 3, 1).reshape(got.shape)
+  err = np.abs(np.asarray(got) - want_np).max()
+  assert err <= TOL * want_np.std(), f"forward: max abs err {err:.2e} (std {want_np.std():.2e})"
+  g_params, g_x = vjp(jnp.asarray(cotangent.numpy().transpose(0, 2, 3, 1).reshape(got.shape)))
+  for name, mine, theirs in [
+      ("input", np.asarray(g_x).reshape(6, h, w, c_in),
+       x.grad.numpy().transpose(0, 2, 3, 1)),
+      ("kernel", np.asarray(g_params["conv"]["kernel"]),
+       ref.weight.grad.numpy().transpose(2, 3, 1, 0)),
+      ("bias", np.asarray(g_params["conv"]["bias"]), ref.bias.grad.numpy())]:
+    err = np.abs(mine - theirs).max()
+    assert err <= TOL * np.abs(theirs).max(), f"{name} grad: max abs err {err:.2e}"
+
+
 def _torch_layout_inv(y: torch.Tensor) -> np.ndarray:
   """[B, C, F, h, w] torch -> [B, F, h, w, C] numpy."""
   return y.permute(0, 2, 3, 4, 1).numpy()

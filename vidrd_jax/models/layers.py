@@ -277,8 +277,76 @@ class Downsample2D(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
+def _subpixel_phase_kernels(w: jax.Array) -> jax.Array:
+  """The 2x2 kernels that a 3x3 conv after nearest-neighbour x2 upsampling applies per phase.
+
+  Output row 2i+a of ``conv3x3(upsample(x))`` reads upsampled rows 2i+a-1 .. 2i+a+1, which are
+  input rows (i-1, i, i) for a = 0 and (i, i, i+1) for a = 1: two distinct rows, so the three
+  row taps fold to two, [w0, w1 + w2] and [w0 + w1, w2]; columns likewise.
+
+  w: [3, 3, C_in, C_out] -> [2 (row phase a), 2 (row tap), 2 (column phase b), 2 (column tap),
+  C_in, C_out]; phase a's taps sit at input offsets (a-1, a).
+  """
+  # [a, row tap, 3 column taps, C_in, C_out]
+  rows = jnp.stack([jnp.stack([w[0], w[1] + w[2]]), jnp.stack([w[0] + w[1], w[2]])])
+  # [a, row tap, b, column tap, C_in, C_out]
+  return jnp.stack([
+      jnp.stack([rows[:, :, 0], rows[:, :, 1] + rows[:, :, 2]], axis=2),
+      jnp.stack([rows[:, :, 0] + rows[:, :, 1], rows[:, :, 2]], axis=2),
+  ], axis=2)
+
+
+class UpsampleConv(nn.Module):
+  """``conv3x3(nearest_upsample_x2(x))`` computed on the low-resolution input (sub-pixel form).
+
+  Each of the four output phases (even/odd row, even/odd column) is a 2x2 conv of the input
+  with taps folded from the 3x3 kernel (:func:`_subpixel_phase_kernels`): 16 taps at H x W
+  instead of 9 at 2H x 2W, i.e. 2.25x fewer FLOPs in the forward and the backward pass, and
+  no upsampled copy of the input in memory. The result equals the upsample-then-conv of the
+  reference up to float rounding (the folded taps are summed before the multiply).
+
+  Parameters are those of the 3x3 conv it stands for (``kernel`` [3, 3, C_in, C_out],
+  ``bias`` [C_out]), so checkpoints convert unchanged.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., H, W, C_in] -> [..., 2H, 2W, C_out]."""
+    *lead, h, w, c_in = x.shape
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(
+            _kernel_init(False), (axes.KERNEL_SPATIAL,) * 2 + (axes.CONV_IN, axes.CONV_OUT)),
+        (3, 3, c_in, self.features), self.param_dtype)
+    bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
+        (self.features,), self.param_dtype)
+    # Fold the taps in the parameters' precision, then compute in self.dtype.
+    phases = _subpixel_phase_kernels(kernel).astype(self.dtype)
+    x = x.astype(self.dtype).reshape(-1, h, w, c_in)
+    rows = []
+    for a in range(2):
+      cols = []
+      for b in range(2):
+        # Phase (a, b) reads input offsets (a-1, a) x (b-1, b): pad 1-a above, a below.
+        cols.append(jax.lax.conv_general_dilated(
+            x, phases[a, :, b], window_strides=(1, 1), padding=((1 - a, a), (1 - b, b)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      rows.append(jnp.stack(cols, axis=3))   # [N, H, W, 2 (b), C_out]
+    # [N, H, 2 (a), W, 2 (b), C_out]: row 2i+a, column 2j+b after the reshape.
+    y = jnp.stack(rows, axis=2).reshape(*lead, 2 * h, 2 * w, self.features)
+    return y + bias.astype(self.dtype)
+
+
 class Upsample2D(nn.Module):
-  """Nearest-neighbour x2 then a 3x3 conv (diffusers ``Upsample2D`` with ``use_conv=True``)."""
+  """Nearest-neighbour x2 then a 3x3 conv (diffusers ``Upsample2D`` with ``use_conv=True``).
+
+  Computed in sub-pixel form by :class:`UpsampleConv` (named ``conv``, the reference's 3x3
+  conv parameters).
+  """
   out_channels: Optional[int] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -286,10 +354,8 @@ class Upsample2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., H, W, C] -> [..., 2H, 2W, C_out]."""
-    x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
-    return conv(
-        self.out_channels or x.shape[-1], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-        param_dtype=self.param_dtype, name="conv")(x)
+    return UpsampleConv(self.out_channels or x.shape[-1], dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="conv")(x)
 
 
 class TemporalConv(nn.Module):
