@@ -422,6 +422,38 @@ def test_upsample_subpixel_equals_torch_upsample_then_conv(size):
     assert err <= TOL * np.abs(theirs).max(), f"{name} grad: max abs err {err:.2e}"
 
 
+def test_cross_attention_shares_one_context_per_video():
+  """Attention(context_frames=F) over [B, T, D] equals attention over the context repeated F times.
+
+  Outputs and all gradients (parameters, queries, context); a context count that does not match
+  the videos raises with the numbers.
+  """
+  from vidrd_jax.models.layers import Attention  # pylint: disable=g-import-not-at-top
+  b, f, lq, t, c, d = 2, 3, 5, 7, 8, 6
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b * f, lq, c)), jnp.float32)
+  ctx = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+  module = Attention(heads=2, head_dim=4)
+  params = module.init(jax.random.key(0), x, jnp.repeat(ctx, f, axis=0))["params"]
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, nn.unbox(params))  # to_out starts non-zero
+
+  def shared(p, x, ctx):
+    return module.apply({"params": p}, x, ctx, context_frames=f)
+
+  def repeated(p, x, ctx):
+    return module.apply({"params": p}, x, jnp.repeat(ctx, f, axis=0))
+
+  want, want_vjp = jax.vjp(repeated, params, x, ctx)
+  got, got_vjp = jax.vjp(shared, params, x, ctx)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  cotangent = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  for mine, theirs in zip(jax.tree_util.tree_leaves(got_vjp(cotangent)),
+                          jax.tree_util.tree_leaves(want_vjp(cotangent))):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="6 frames -> 2 contexts, got 6"):
+    module.apply({"params": params}, x, jnp.repeat(ctx, f, axis=0), context_frames=f)
+
+
 def _torch_layout_inv(y: torch.Tensor) -> np.ndarray:
   """[B, C, F, h, w] torch -> [B, F, h, w, C] numpy."""
   return y.permute(0, 2, 3, 4, 1).numpy()

@@ -496,28 +496,45 @@ class Attention(nn.Module):
       mask: Optional[jax.Array] = None,
       *,
       sparse_causal_frames: Optional[int] = None,
+      context_frames: Optional[int] = None,
   ) -> jax.Array:
     """Attention of x over itself or a context.
 
     Args:
       x: [N, Lq, C] queries' source.
-      context: [N, Lk, D], or None for self-attention.
+      context: [N, Lk, D], or None for self-attention; with ``context_frames`` F, [N / F, Lk, D]:
+        one context per video, shared by its F frames.
       mask: optional boolean mask broadcastable to [N, heads, Lq, Lk].
       sparse_causal_frames: VidRD's sparse-causal attention (``prepend_first_frame``): N is
         (B * F) with this F, and each frame's keys/values are those of frame 0 followed by
         those of the previous frame (frame 0 uses itself). None or 1: ordinary attention.
+      context_frames: N is (B * F) with this F and ``context`` is per video. The result is
+        that of repeating the context for every frame, but keys and values are projected
+        once per video rather than F times, and the video's F x Lq queries attend as one
+        sequence (softmax is per query, so this is the same attention).
 
     Returns:
       [N, Lq, out_features or C].
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
+    n, lq = x.shape[:2]
+    shared = context_frames is not None and context is not None
+    if shared and (mask is not None or sparse_causal_frames not in (None, 1)
+                   or context.shape[0] * context_frames != n):
+      raise ValueError(
+          f"context_frames={context_frames}: needs one context per video ({n} frames -> "
+          f"{n // context_frames} contexts, got {context.shape[0]}) and no mask or "
+          "sparse-causal attention")
     context = x if context is None else context
     q = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_q", **kw)(x)
     k = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_k", **kw)(context)
     v = dense(inner, axes.EMBED, axes.HEADS, use_bias=self.use_bias, name="to_v", **kw)(context)
     if sparse_causal_frames is not None and sparse_causal_frames > 1:
       k, v = (_first_and_previous_frame(t, sparse_causal_frames) for t in (k, v))
+    if shared:
+      # [B F, Lq, inner] -> [B, F Lq, inner]: a video's frames query its one context together.
+      q = q.reshape(n // context_frames, context_frames * lq, inner)
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
     # In float32 compute the XLA path always takes float32 scores, so `upcast` only matters
     # for half-precision compute, where it mirrors diffusers' upcast_attention.
@@ -525,7 +542,7 @@ class Attention(nn.Module):
     out = attention_lib.dot_product_attention(
         split(q), split(k), split(v), mask=mask, scale=self.head_dim ** -0.5, upcast=upcast,
         implementation=self.implementation)
-    out = out.reshape(out.shape[:-2] + (inner,))
+    out = out.reshape(n, lq, inner)
     return dense(
         self.out_features or x.shape[-1], axes.HEADS, axes.EMBED, zero_init=self.zero_init_out,
         zero_init_scale=self.out_init_scale, name="to_out_0", **kw)(out)

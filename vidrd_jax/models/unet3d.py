@@ -445,7 +445,7 @@ class BasicTransformerBlock(nn.Module):
   def __call__(
       self, x: jax.Array, context: Optional[jax.Array], *, num_frames: int, train: bool = False
   ) -> jax.Array:
-    """x: [B*F, L, C] (frames folded into the batch); context: [B*F, T, D] -> [B*F, L, C]."""
+    """x: [B*F, L, C] (frames folded into the batch); context: [B, T, D] -> [B*F, L, C]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_kw = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast,
                    implementation=self.attention_impl, **kw)
@@ -453,13 +453,14 @@ class BasicTransformerBlock(nn.Module):
 
     h = layers.LayerNorm(name="norm1", **kw)(x)
     h = layers.Attention(**attn_kw, name="attn1")(
-        h, context if self.only_cross_attention else None,
+        h, jnp.repeat(context, num_frames, axis=0) if self.only_cross_attention else None,
         sparse_causal_frames=num_frames if self.sparse_causal else None)
     x = drop(h) + x
 
     if self.cross_attention:
+      # Every frame sees its video's text: keys and values are projected once per video.
       h = layers.LayerNorm(name="norm2", **kw)(x)
-      x = drop(layers.Attention(**attn_kw, name="attn2")(h, context)) + x
+      x = drop(layers.Attention(**attn_kw, name="attn2")(h, context, context_frames=num_frames)) + x
 
     # Temporal attention: every spatial position attends over the F frames of its video.
     # With one frame it is skipped (parameters are still created at init).
@@ -509,8 +510,6 @@ class Transformer3D(nn.Module):
     else:
       h = layers.conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(h)
       h = h.reshape(b * f, hh * ww, inner)
-    # Every frame sees its video's text.
-    ctx = jnp.repeat(context, f, axis=0)
     h = BasicTransformerBlock(
         heads=self.heads,
         head_dim=inner // self.heads,
@@ -524,7 +523,7 @@ class Transformer3D(nn.Module):
         attention_impl=cfg.attention_impl,
         name="transformer_blocks_0",
         **kw,
-    )(h, ctx, num_frames=f, train=train)
+    )(h, context, num_frames=f, train=train)
     if cfg.use_linear_projection:
       h = layers.dense(c, axes.EMBED, axes.CONV_OUT, name="proj_out", **kw)(h)
       h = h.reshape(b, f, hh, ww, c)
