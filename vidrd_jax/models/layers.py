@@ -6,7 +6,8 @@ Every block mirrors a diffusers / VidRD PyTorch module so that weights convert o
   (batch) one, so a ``[B, F, H, W, C]`` input is normalised over frames jointly, as the
   reference's 5D GroupNorms (ResnetBlock3D, TemporalConvLayer) do.
 * :class:`ResnetBlock2D`: diffusers ``ResnetBlock2D`` / VidRD ``ResnetBlock3D``.
-* :class:`Downsample2D`, :class:`Upsample2D`: diffusers' down/upsamplers.
+* :class:`Downsample2D`, :class:`Upsample2D`: diffusers' down/upsamplers (the upsampler's conv
+  computed in sub-pixel form by :class:`UpsampleConv`).
 * :class:`TemporalConvLayer`: VidRD's temporal convolution stack (after each resnet).
 * :class:`Attention`: diffusers ``Attention`` (``CrossAttention``) projections around
   :func:`vidrd_jax.models.attention.dot_product_attention`.
