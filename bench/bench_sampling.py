@@ -253,16 +253,30 @@ def main():
   denoiser = long_video.UNetDenoiser(pipe.unet)
   run_sampler = lambda: long_video.sample_long_video(
       denoiser, pipe.params["unet"], pipe.scheduler, context, negative, **sample_kw).latents
-  t_sampler = common.time_fn(run_sampler, warmup=1, iters=args.iters)
   unet_call = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
   x2 = jnp.asarray(np.repeat(init, 2, axis=0))
   t2 = jnp.full((2 * bsz,), 981, jnp.int32)
   c2 = jnp.concatenate([negative, context]).astype(context.dtype)
   _, _, compiled_unet, unet_flops = common.compile_time(unet_call, pipe.params["unet"], x2, t2, c2)
-  t_unet = common.time_fn(lambda: compiled_unet(pipe.params["unet"], x2, t2, c2),
-                          warmup=1, iters=max(args.iters, 3))
+
+  def run_bare_unet():
+    # The sampler's K*S UNet calls, back to back, synchronised once (as inside the scan).
+    out = None
+    for _ in range(k * s):
+      out = compiled_unet(pipe.params["unet"], x2, t2, c2)
+    return out
+
+  # Interleaved rounds (sampler, then the same number of bare UNet calls): a drift in machine
+  # speed between two separately timed phases moved this ratio by 10-30% on a shared CPU.
+  common._sync(run_sampler())  # pylint: disable=protected-access
+  common._sync(run_bare_unet())  # pylint: disable=protected-access
+  sampler_s, unet_s = [], []
+  for _ in range(max(args.iters, 3)):
+    sampler_s.append(common.time_fn(run_sampler, warmup=0, iters=1).median)
+    unet_s.append(common.time_fn(run_bare_unet, warmup=0, iters=1).median / (k * s))
+  t_sampler, t_unet = common.Timing(sampler_s), common.Timing(unet_s)
   per_step = t_sampler.median / (k * s)
-  overhead = per_step / t_unet.median
+  overhead = float(np.median([a / (k * s) / b for a, b in zip(sampler_s, unet_s)]))
   peak, peak_src = common.peak_flops(args.jax_dtype)
   total_flops = unet_flops * k * s
 
@@ -332,7 +346,9 @@ def main():
           f"{args.jax_dtype}, torch {args.torch_dtype} ({args.torch_threads} threads). "
           f"UNet FLOPs per CFG step (XLA) {unet_flops / 1e12:.3f} TFLOP, {total_flops / 1e12:.2f} "
           f"TFLOP per video; peak {peak / 1e12:.3g} TFLOP/s ({peak_src}). Memory: {mem.kind}. "
-          f"Per-step for ours = latents sampler alone (`sample_long_video`, no text/decoder) / (K*S); "
+          f"Per-step for ours = latents sampler alone (`sample_long_video`, no text/decoder) / "
+          f"(K*S), timed in rounds alternating with K*S bare UNet calls (step / UNet is the "
+          f"median of the rounds' ratios); "
           f"for torch = median wall time of one loop iteration.\n\n"
           + common.markdown_table(header, rows) + "\n\n" + "\n\n".join(f"- {x}" for x in notes))
   common.append_section(f"Long-video sampling ({args.backend}, {args.size})", body, args)
