@@ -272,8 +272,8 @@ def main():
   common._sync(run_bare_unet())  # pylint: disable=protected-access
   sampler_s, unet_s = [], []
   for _ in range(max(args.iters, 3)):
-    sampler_s.append(common.time_fn(run_sampler, warmup=0, iters=1).median)
-    unet_s.append(common.time_fn(run_bare_unet, warmup=0, iters=1).median / (k * s))
+    sampler_s.append(common.time_once(run_sampler)[0])
+    unet_s.append(common.time_once(run_bare_unet)[0] / (k * s))
   t_sampler, t_unet = common.Timing(sampler_s), common.Timing(unet_s)
   per_step = t_sampler.median / (k * s)
   overhead = float(np.median([a / (k * s) / b for a, b in zip(sampler_s, unet_s)]))

@@ -278,6 +278,24 @@ class Downsample2D(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
+def _conv_params(
+    module: nn.Module, shape: Sequence[int], kernel_init: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """``kernel`` [*taps, C_in, C_out] and zero ``bias`` [C_out] of a hand-written conv module.
+
+  The names, initialisers and logical axes of ``nn.Conv`` as :func:`conv` builds it, so such a
+  module converts and shards like the conv it stands for.
+  """
+  taps = (axes.KERNEL_SPATIAL,) * (len(shape) - 2)
+  kernel = module.param(
+      "kernel", nn.with_logical_partitioning(kernel_init, taps + (axes.CONV_IN, axes.CONV_OUT)),
+      tuple(shape), module.param_dtype)
+  bias = module.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
+      (shape[-1],), module.param_dtype)
+  return kernel, bias
+
+
 def _subpixel_phase_kernels(w: jax.Array) -> jax.Array:
   """The 2x2 kernels that a 3x3 conv after nearest-neighbour x2 upsampling applies per phase.
 
@@ -317,14 +335,7 @@ class UpsampleConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., H, W, C_in] -> [..., 2H, 2W, C_out]."""
     *lead, h, w, c_in = x.shape
-    kernel = self.param(
-        "kernel",
-        nn.with_logical_partitioning(
-            _kernel_init(False), (axes.KERNEL_SPATIAL,) * 2 + (axes.CONV_IN, axes.CONV_OUT)),
-        (3, 3, c_in, self.features), self.param_dtype)
-    bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
-        (self.features,), self.param_dtype)
+    kernel, bias = _conv_params(self, (3, 3, c_in, self.features), _kernel_init(False))
     # Fold the taps in the parameters' precision, then compute in self.dtype.
     phases = _subpixel_phase_kernels(kernel).astype(self.dtype)
     x = x.astype(self.dtype).reshape(-1, h, w, c_in)
@@ -383,15 +394,8 @@ class TemporalConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, F, H, W, C_in] -> [B, F, H, W, C_out]."""
     c_in, frames = x.shape[-1], x.shape[1]
-    kernel = self.param(
-        "kernel",
-        nn.with_logical_partitioning(
-            _kernel_init(self.zero_init, self.zero_init_scale),
-            (axes.KERNEL_SPATIAL,) * 3 + (axes.CONV_IN, axes.CONV_OUT)),
-        (3, 1, 1, c_in, self.features), self.param_dtype)
-    bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes.CONV_OUT,)),
-        (self.features,), self.param_dtype)
+    kernel, bias = _conv_params(self, (3, 1, 1, c_in, self.features),
+                                _kernel_init(self.zero_init, self.zero_init_scale))
     x = x.astype(self.dtype)
     # Zero frames at both ends (the conv's padding), then [x_{f-1}, x_f, x_{f+1}] per frame.
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
