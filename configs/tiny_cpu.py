@@ -28,10 +28,11 @@ def get_config():
   # the noisiest timesteps, where the layout and its motion are decided; v weights it by
   # SNR + 1 (~1 there). With epsilon the tiny model's samples barely moved at all.
   config.model.prediction_type = "v_prediction"
-  # 700 steps fit the demo's 15 minutes on 2 cores next to the VAE, encoding and sampling, with
-  # room for run-to-run variation (800 steps took 14:53 and 15:20 in two idle runs).
-  # (Direction following stayed at chance at 500 and 1000 steps alike: README, demo section.)
-  config.num_steps = 700
+  # The demo first trains the image model on single frames (vidrd_jax.demo, DemoSettings.
+  # image_steps), so this video stage starts from a UNet that already draws the shapes; 500
+  # steps fit the demo's 15 minutes on 2 cores next to the VAE, the image stage and sampling.
+  # (Direction following stayed at chance at 500 and 1000 steps alike: docs/demo_findings.md.)
+  config.num_steps = 500
   config.global_batch_size = 8
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50

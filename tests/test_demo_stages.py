@@ -144,6 +144,15 @@ def test_demo_forgets_training_on_other_latents(tmp_path):
   demo.forget_training_on_other_latents(str(latents), str(train))
   assert not (train / "checkpoints").exists()
   assert json.loads((train / "latents_spec.json").read_text()) == {"sources": [{"start_band": 0.25}]}
+  # Same latents but another start point (the image stage's settings changed): over again.
+  (train / "checkpoints").mkdir()
+  demo.forget_training_on_other_latents(str(latents), str(train), start={"steps": 600})
+  assert not (train / "checkpoints").exists()
+  (train / "checkpoints").mkdir()
+  demo.forget_training_on_other_latents(str(latents), str(train), start={"steps": 600})
+  assert (train / "checkpoints").is_dir()
+  demo.forget_training_on_other_latents(str(latents), str(train), start={"steps": 800})
+  assert not (train / "checkpoints").exists()
   # A training folder from before the marker existed is not trusted either.
   (train / "latents_spec.json").unlink()
   (train / "checkpoints").mkdir()
@@ -185,3 +194,34 @@ def test_demo_init_pipeline_is_reused_only_for_the_same_unet(pipe_and_clips, tmp
   stamp = os.path.getmtime(os.path.join(init_dir, "vidrd.json"))
   assert demo.build_init_pipeline(config, settings, vae_cfg, vae_params, init_dir) == init_dir
   assert os.path.getmtime(os.path.join(init_dir, "vidrd.json")) == stamp
+
+
+def test_demo_image_stage_trains_the_image_model_only(pipe_and_clips, tmp_path):
+  """Stage 2a: single frames bypass the temporal layers, so only the spatial UNet learns."""
+  from vidrd_jax import demo
+  from vidrd_jax import pipeline as pipeline_lib
+  from vidrd_jax import train_lib
+  _, _, _, _, init_dir, config = pipe_and_clips
+  settings = dataclasses.replace(demo.quick_settings(), latent_clips=4, image_steps=3,
+                                 image_batch=8)  # 8: the tests' 8 host devices
+  latents = demo.pack_latents(config, settings, init_dir, str(tmp_path / "latents"))
+  image_cfg = demo.image_config(demo.on_latents(config, latents), settings)
+  assert (image_cfg.data.frames, image_cfg.global_batch_size, image_cfg.num_steps) == (1, 8, 3)
+  assert config.data.frames == 8  # the video stage's config is untouched
+  with image_cfg.unlocked():
+    image_cfg.progress_bar = False
+  demo.train_unet(image_cfg, init_dir, str(tmp_path / "image"))
+  before = pipeline_lib.load_pipeline(init_dir).params["unet"]
+  after = pipeline_lib.load_pipeline(str(tmp_path / "image" / "export")).params["unet"]
+  flat_before = {train_lib.path_str(p): np.asarray(x)
+                 for p, x in jax.tree_util.tree_leaves_with_path(before)}
+  flat_after = {train_lib.path_str(p): np.asarray(x)
+                for p, x in jax.tree_util.tree_leaves_with_path(after)}
+  assert flat_before.keys() == flat_after.keys()
+  temporal = [k for k in flat_before if "temp_" in k]
+  spatial = [k for k in flat_before if "temp_" not in k]
+  assert temporal and spatial
+  for k in temporal:  # zero gradients, no weight decay: only EMA rounding may touch them
+    np.testing.assert_allclose(flat_after[k], flat_before[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  moved = [k for k in spatial if np.abs(flat_after[k] - flat_before[k]).max() > 1e-5]
+  assert len(moved) > 0.9 * len(spatial), sorted(set(spatial) - set(moved))[:10]

@@ -10,9 +10,11 @@ Everything runs on a laptop CPU with no downloads, in about 15 minutes on 2 core
 2. It is written, with a randomly initialised tiny UNet3D and a random (frozen) tiny CLIP text
    encoder, as a pipeline directory. ``settings.latent_clips`` training clips are encoded once
    by the VAE into packed latent shards (``vidrd_jax.data.pack``, the path pod training takes),
-   and ``vidrd_jax.train.train_and_evaluate`` trains the whole UNet3D on them
-   (``configs/tiny_cpu.py``), checkpointing as it goes, and exports the trained pipeline. The
-   text encoder stays random: its token embeddings are distinct, and the UNet's
+   and ``vidrd_jax.train.train_and_evaluate`` trains the UNet3D on them in two stages, as VidRD
+   inflates an image model (SD2.1) to video: first on single frames of the clips (one frame
+   bypasses every temporal layer, so this is the image model), then the whole UNet3D on the
+   clips (``configs/tiny_cpu.py``), checkpointing as it goes, and exports the trained pipeline.
+   The text encoder stays random: its token embeddings are distinct, and the UNet's
    cross-attention learns to read them.
 3. Long videos (4 clips of 8 frames) are sampled with ``vidrd_jax.generate`` for caption
    combinations held out of training, once with VidRD's strategies (FNR + PNS + DSG) and once
@@ -86,6 +88,12 @@ class DemoSettings:
   # (vidrd_jax.data.pack, the pod path): encoding every clip of every step on the fly cost
   # about a quarter of each step; at 700 steps x 8 each packed clip is seen about 3 times.
   latent_clips: int = 2048
+  # Stage 2a: single frames of the packed clips before the clips themselves (0 skips it). A
+  # frame's appearance (colour, shape) is what an image model learns; 64 independent frames
+  # cost about what 8 clips of 8 correlated frames do, so the shape word binds from ~8x more
+  # examples (docs/demo_findings.md: shape word +7 % -> +36-46 %, shape following 0.33 -> 0.58-0.67).
+  image_steps: int = 800
+  image_batch: int = 64
   # Stage 3: sampling.
   num_clips: int = 4
   overlap: int = 4                    # M
@@ -102,7 +110,7 @@ class DemoSettings:
 
 def quick_settings() -> DemoSettings:
   """A smoke run (a few CPU-minutes, mostly compiling): everything exercised, nothing learned."""
-  return DemoSettings(vae_steps=20, num_steps=4, latent_clips=64,
+  return DemoSettings(vae_steps=20, num_steps=4, latent_clips=64, image_steps=4, image_batch=8,
                       max_prompts=2, detector_clips=8, sensitivity_clips=4)
 
 
@@ -359,19 +367,25 @@ def _json_file_equals(path: str, obj: Any) -> bool:
     return json.load(f) == obj
 
 
-def forget_training_on_other_latents(latents_dir: str, train_dir: str) -> None:
+def forget_training_on_other_latents(latents_dir: str, train_dir: str,
+                                     start: Any = None) -> None:
   """Removes ``train_dir`` unless its run trained on ``latents_dir`` as it is now.
 
-  A resumed run must continue on the data it started with: when the latents were encoded
-  again (other data options, another VAE), the old checkpoints are discarded.
+  A resumed run must continue on the data and from the start point it began with: when the
+  latents were encoded again (other data options, another VAE) or ``start`` (a JSON-able
+  description of what training starts from, e.g. the image stage's settings) changed, the old
+  checkpoints are discarded.
   """
   with open(os.path.join(latents_dir, "demo_spec.json")) as f:
     spec = json.load(f)
+  if start is not None:
+    spec = {**spec, "start": json.loads(json.dumps(start, default=_json_default))}
   marker = os.path.join(train_dir, "latents_spec.json")
   if os.path.isdir(train_dir):
     if _json_file_equals(marker, spec):
       return
-    _log(f"training: {train_dir} was trained on other latents; starting over")
+    _log(f"training: {train_dir} was trained on other latents or from another start; "
+         "starting over")
     shutil.rmtree(train_dir)
   os.makedirs(train_dir)
   with open(marker + ".tmp", "w") as f:
@@ -385,6 +399,21 @@ def on_latents(config, latents_dir: str):
   with config.unlocked():
     config.data.sources = [{"kind": "packed", "path": latents_dir, "weight": 1.0}]
     config.data.latents = True
+  return config
+
+
+def image_config(config, settings: DemoSettings):
+  """Stage 2a's training config: single frames (``data.frames = 1``) of the same clips.
+
+  With one frame the UNet3D skips its temporal convolutions and temporal attention, so this
+  trains the image model VidRD inflates; the packed source draws a random frame of each clip.
+  """
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.frames = 1
+    config.global_batch_size = settings.image_batch
+    config.num_steps = settings.image_steps
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, settings.image_steps // 4)
   return config
 
 
@@ -527,17 +556,28 @@ def read_loss_curve(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([by_step[s] for s in steps], np.float64)
 
 
-def save_loss_curve(path: str, steps: np.ndarray, losses: np.ndarray) -> None:
+def save_loss_curve(path: str, steps: np.ndarray, losses: np.ndarray,
+                    image_curve: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+  """Plots the video stage's loss; ``image_curve`` (steps, losses) of the image stage before it."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-  if len(steps):
-    ax.plot(steps, losses, lw=1, color="tab:blue", alpha=0.5, label="loss")
-    if len(losses) >= 5:
-      k = max(2, len(losses) // 20)
-      smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-      ax.plot(steps[k - 1:], smooth, lw=2, color="tab:blue", label=f"moving mean ({k})")
+  curves = []
+  if image_curve is not None and len(image_curve[0]):
+    # The image stage runs first: the video stage's steps follow on after it.
+    curves.append(("single frames", "tab:orange", image_curve[0], image_curve[1]))
+    steps = steps + int(image_curve[0][-1])
+  curves.append(("clips", "tab:blue", steps, losses))
+  for label, color, x, y in curves:
+    if not len(x):
+      continue
+    ax.plot(x, y, lw=1, color=color, alpha=0.5, label=f"loss, {label}")
+    if len(y) >= 5:
+      k = max(2, len(y) // 20)
+      smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+      ax.plot(x[k - 1:], smooth, lw=2, color=color, label=f"moving mean ({k})")
+  if any(len(c[2]) for c in curves):
     ax.legend()
   ax.set_xlabel("step")
   ax.set_ylabel("diffusion loss (MSE of the epsilon or v target)")
@@ -594,10 +634,22 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
   init_dir = build_init_pipeline(config, settings, vae_cfg, vae_params, os.path.join(work, "init"),
                                  seed=config.seed)
   latents_dir = pack_latents(config, settings, init_dir, os.path.join(work, "latents"))
+  video_init, image_stage = init_dir, None
+  if settings.image_steps:
+    t_image = time.perf_counter()
+    image_stage = {"steps": settings.image_steps, "batch": settings.image_batch}
+    image_dir = os.path.join(work, "image")
+    forget_training_on_other_latents(latents_dir, image_dir, start=image_stage)
+    _log(f"stage 2a: the image model on single frames ({settings.image_steps} steps of "
+         f"{settings.image_batch})")
+    train_unet(image_config(on_latents(config, latents_dir), settings), init_dir, image_dir)
+    video_init = os.path.join(image_dir, "export")
+    timing["image_stage_s"] = time.perf_counter() - t_image
   train_dir = os.path.join(work, "train")
-  forget_training_on_other_latents(latents_dir, train_dir)
-  pipe, train_result = train_unet(on_latents(config, latents_dir), init_dir, train_dir)
-  timing["train_s"] = time.perf_counter() - t
+  forget_training_on_other_latents(latents_dir, train_dir, start=image_stage)
+  pipe, train_result = train_unet(on_latents(config, latents_dir), video_init, train_dir)
+  # Start point, latents and the video stage (the image stage is timed on its own).
+  timing["train_s"] = time.perf_counter() - t - timing.get("image_stage_s", 0.0)
 
   t = time.perf_counter()
   targets, source = heldout_targets(config, settings)
@@ -645,7 +697,8 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
         [("real (reference)", real[i]), ("VidRD: FNR+PNS+DSG", videos["vidrd"][i]),
          ("independent clips", videos["independent"][i])], config.data.frames)
   steps, losses = read_loss_curve(os.path.join(work, "train"))
-  save_loss_curve(os.path.join(out, "loss_curve.png"), steps, losses)
+  image_curve = read_loss_curve(os.path.join(work, "image")) if settings.image_steps else None
+  save_loss_curve(os.path.join(out, "loss_curve.png"), steps, losses, image_curve)
   timing["outputs_s"] = time.perf_counter() - t
   timing["total_s"] = time.perf_counter() - t_start
 
@@ -655,7 +708,9 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
       "prompts": prompts,
       "num_videos": len(video_targets),
       "settings": dataclasses.asdict(settings),
-      "training": {"steps": int(train_result.get("step", 0)),
+      "training": {"image_steps": int(settings.image_steps),
+                   "image_batch_size": int(settings.image_batch),
+                   "steps": int(train_result.get("step", 0)),
                    "final_loss": float(losses[-1]) if len(losses) else None,
                    "first_loss": float(losses[0]) if len(losses) else None,
                    "global_batch_size": int(config.global_batch_size),
@@ -722,7 +777,10 @@ def print_summary(result: dict[str, Any]) -> None:
                  "(relative increase; 0 = the word is ignored):")
     lines.append("  " + "   ".join(f"{a} {v:+.2%}" for a, v in sens["relative_increase"].items()))
   tr = result["training"]
-  lines.append(f"Training: {tr['steps']} steps, loss {tr['first_loss']} -> {tr['final_loss']}")
+  image = (f"{tr['image_steps']} steps of {tr['image_batch_size']} single frames, then "
+           if tr.get("image_steps") else "")
+  lines.append(f"Training: {image}{tr['steps']} steps of {tr['global_batch_size']} clips, "
+               f"clip loss {tr['first_loss']:.4f} -> {tr['final_loss']:.4f}")
   lines.append("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timing"].items())
                + f" (CPU time {result['cpu_s']:.0f} s); peak memory {result['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
   lines.append("Goals:")
