@@ -86,7 +86,8 @@ class DemoSettings:
   temporal_init_scale: float = 0.1
   # Training clips encoded once by the trained VAE before the UNet trains on their latents
   # (vidrd_jax.data.pack, the pod path): encoding every clip of every step on the fly cost
-  # about a quarter of each step; at 700 steps x 8 each packed clip is seen about 3 times.
+  # about a quarter of each step; at 500 steps x 8 each packed clip is seen about twice (and
+  # ~25 times as a single frame in the image stage).
   latent_clips: int = 2048
   # Stage 2a: single frames of the packed clips before the clips themselves (0 skips it). A
   # frame's appearance (colour, shape) is what an image model learns; 64 independent frames
