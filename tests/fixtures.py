@@ -82,6 +82,14 @@ SD21_SCHEDULER_CONFIG = {
 }
 
 
+def flat_params(tree) -> dict[str, np.ndarray]:
+  """A parameter tree as {"down_blocks_0/.../kernel": array}, for comparing trees leaf by leaf."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vidrd_jax import train_lib  # pylint: disable=g-import-not-at-top
+  return {train_lib.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def randomize_(module, seed: int, scale: float = 1.0) -> None:
   """Overwrites every parameter with seeded random values (in place).
 

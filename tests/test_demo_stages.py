@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import fixtures
 from vidrd_jax.data import synthetic
 
 
@@ -200,7 +201,6 @@ def test_demo_image_stage_trains_the_image_model_only(pipe_and_clips, tmp_path):
   """Stage 2a: single frames bypass the temporal layers, so only the spatial UNet learns."""
   from vidrd_jax import demo
   from vidrd_jax import pipeline as pipeline_lib
-  from vidrd_jax import train_lib
   _, _, _, _, init_dir, config = pipe_and_clips
   settings = dataclasses.replace(demo.quick_settings(), latent_clips=4, image_steps=3,
                                  image_batch=8)  # 8: the tests' 8 host devices
@@ -213,10 +213,7 @@ def test_demo_image_stage_trains_the_image_model_only(pipe_and_clips, tmp_path):
   demo.train_unet(image_cfg, init_dir, str(tmp_path / "image"))
   before = pipeline_lib.load_pipeline(init_dir).params["unet"]
   after = pipeline_lib.load_pipeline(str(tmp_path / "image" / "export")).params["unet"]
-  flat_before = {train_lib.path_str(p): np.asarray(x)
-                 for p, x in jax.tree_util.tree_leaves_with_path(before)}
-  flat_after = {train_lib.path_str(p): np.asarray(x)
-                for p, x in jax.tree_util.tree_leaves_with_path(after)}
+  flat_before, flat_after = fixtures.flat_params(before), fixtures.flat_params(after)
   assert flat_before.keys() == flat_after.keys()
   temporal = [k for k in flat_before if "temp_" in k]
   spatial = [k for k in flat_before if "temp_" not in k]

@@ -14,6 +14,7 @@ from vidrd_jax import pipeline
 from vidrd_jax import metrics as metrics_lib
 from vidrd_jax import train
 from vidrd_jax import train_config
+from tests import fixtures
 from vidrd_jax import train_lib
 from vidrd_jax.parallel import sharding
 
@@ -83,19 +84,17 @@ def _run_step(st, batch, steps=1):
   return before, state, jax.device_get(metrics)
 
 
-def _flat(tree):
-  return {train_lib.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def test_sharded_step_equals_single_device_step(paper_setups):
   _, st8, st1, batch = paper_setups
   before8, new8, m8 = _run_step(st8, batch)
   before1, new1, m1 = _run_step(st1, batch)
-  np.testing.assert_array_equal(_flat(before8.params)["conv_in/kernel"], _flat(before1.params)["conv_in/kernel"])
+  np.testing.assert_array_equal(fixtures.flat_params(before8.params)["conv_in/kernel"],
+                                fixtures.flat_params(before1.params)["conv_in/kernel"])
   # float32: the 8-way run sums gradients in a different order.
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
-  p8, p1 = _flat(jax.device_get(new8.params)), _flat(jax.device_get(new1.params))
+  p8 = fixtures.flat_params(jax.device_get(new8.params))
+  p1 = fixtures.flat_params(jax.device_get(new1.params))
   assert p8.keys() == p1.keys()
   for key in p8:
     scale = max(np.abs(p1[key]).max(), 1e-3)
@@ -118,8 +117,8 @@ def test_frozen_params_unchanged_and_stateless(paper_setups):
   # they have moved once.
   before, new, metrics = _run_step(st8, batch, steps=3)
   assert metrics["finite"] == 1.0
-  mask = _flat(st8.mask)
-  old, cur = _flat(before.params), _flat(jax.device_get(new.params))
+  mask = fixtures.flat_params(st8.mask)
+  old, cur = fixtures.flat_params(before.params), fixtures.flat_params(jax.device_get(new.params))
   frozen = [k for k, m in mask.items() if not m]
   trainable = [k for k, m in mask.items() if m]
   assert frozen and trainable
@@ -131,13 +130,13 @@ def test_frozen_params_unchanged_and_stateless(paper_setups):
   assert len(changed) == len(trainable), sorted(set(trainable) - set(changed))
   # No optimizer-state array belongs to a frozen parameter: Adam's mu and nu cover exactly
   # the trainable leaves, everything else is a scalar counter.
-  opt_arrays = [(p, x) for p, x in _flat(new.opt_state).items() if x.ndim > 0]
+  opt_arrays = [(p, x) for p, x in fixtures.flat_params(new.opt_state).items() if x.ndim > 0]
   assert len(opt_arrays) == 2 * len(trainable)
   for path, x in opt_arrays:
     owner = [k for k in trainable if path.endswith("/" + k)]
     assert owner and x.shape == old[owner[0]].shape, path
   # EMA holds the trainable leaves only.
-  assert set(_flat(new.ema_params)) == set(trainable)
+  assert set(fixtures.flat_params(new.ema_params)) == set(trainable)
 
 
 def test_non_finite_step_is_skipped(paper_setups):
@@ -145,8 +144,8 @@ def test_non_finite_step_is_skipped(paper_setups):
   bad = dict(batch, video=np.full_like(batch["video"], np.nan))
   before, new, metrics = _run_step(st8, bad)
   assert metrics["finite"] == 0.0 and metrics["nan_streak"] == 1 and metrics["nan_total"] == 1
-  for k, v in _flat(jax.device_get(new.params)).items():
-    np.testing.assert_array_equal(v, _flat(before.params)[k], err_msg=k)
+  for k, v in fixtures.flat_params(jax.device_get(new.params)).items():
+    np.testing.assert_array_equal(v, fixtures.flat_params(before.params)[k], err_msg=k)
   assert int(new.step) == 1
 
 

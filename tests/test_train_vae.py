@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import fixtures
 from vidrd_jax import train_lib
 from vidrd_jax import train_vae
 from vidrd_jax.models import vae as vae_lib
@@ -40,16 +41,12 @@ def vae_config(**overrides):
   return c
 
 
-def _flat(tree):
-  return {train_lib.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def test_step_moves_only_decoder_temporal_convs(tmp_path):
   config = vae_config()
   st = train_vae.setup(config, str(tmp_path))
   state = st.init_state()
-  before = _flat(jax.device_get(state.params))
-  disc_before = _flat(jax.device_get(state.disc_params))
+  before = fixtures.flat_params(jax.device_get(state.params))
+  disc_before = fixtures.flat_params(jax.device_get(state.disc_params))
   video = np.random.default_rng(0).uniform(-1, 1, (8, 2, 16, 16, 3)).astype(np.float32)
   batch = sharding.shard_batch({"video": video}, st.mesh)
   # Three steps: the warmup starts at lr 0, and the zero-initialised last conv of each temporal
@@ -59,7 +56,7 @@ def test_step_moves_only_decoder_temporal_convs(tmp_path):
   metrics = jax.device_get(metrics)
   assert metrics["finite"] == 1.0 and metrics["disc_active"] == 1.0
   assert np.isfinite(metrics["kl"]) and metrics["rec_l1"] > 0
-  after = _flat(jax.device_get(state.params))
+  after = fixtures.flat_params(jax.device_get(state.params))
   temporal = [k for k in before if k.startswith("decoder/") and "temp_convs" in k]
   others = [k for k in before if k not in temporal]
   assert temporal and any(k.startswith("encoder/") for k in others)
@@ -68,10 +65,10 @@ def test_step_moves_only_decoder_temporal_convs(tmp_path):
   moved = [k for k in temporal if not np.array_equal(after[k], before[k])]
   assert len(moved) == len(temporal), sorted(set(temporal) - set(moved))
   # The discriminator trains too (its own optimizer).
-  disc_after = _flat(jax.device_get(state.disc_params))
+  disc_after = fixtures.flat_params(jax.device_get(state.disc_params))
   assert any(not np.array_equal(disc_after[k], disc_before[k]) for k in disc_before)
   # Optimizer state only for the trainable temporal convs.
-  opt_arrays = [p for p, x in _flat(state.opt_state).items() if x.ndim > 0]
+  opt_arrays = [p for p, x in fixtures.flat_params(state.opt_state).items() if x.ndim > 0]
   assert len(opt_arrays) == 2 * len(temporal)
 
 
