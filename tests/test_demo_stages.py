@@ -178,7 +178,7 @@ def test_demo_unet_attention_levels():
     demo.unet_config(config, demo.DemoSettings(unet_attention_levels=3), vae_cfg, text_cfg)
 
 
-def test_demo_init_pipeline_is_reused_only_for_the_same_unet(pipe_and_clips, tmp_path):
+def test_demo_init_pipeline_is_reused_only_for_the_same_unet_and_vae(pipe_and_clips, tmp_path):
   from vidrd_jax import demo
   from vidrd_jax.models import text_encoder as text_lib
   pipe, _, _, _, init_dir, config = pipe_and_clips
@@ -188,9 +188,15 @@ def test_demo_init_pipeline_is_reused_only_for_the_same_unet(pipe_and_clips, tmp
   same = demo.unet_config(config, settings, vae_cfg, text_cfg)
   wider = demo.unet_config(config, dataclasses.replace(settings, unet_attention_levels=2),
                            vae_cfg, text_cfg)
-  assert demo.holds_unet(init_dir, same)
-  assert not demo.holds_unet(init_dir, wider)  # build_init_pipeline would initialise again
-  assert not demo.holds_unet(str(tmp_path / "nothing"), same)
+  assert demo.holds_start_point(init_dir, same, vae_cfg, vae_params)
+  # build_init_pipeline would initialise again for any of these:
+  assert not demo.holds_start_point(init_dir, wider, vae_cfg, vae_params)
+  assert not demo.holds_start_point(str(tmp_path / "nothing"), same, vae_cfg, vae_params)
+  # A VAE trained again (other weights, or the same weights with another latent scale).
+  retrained = jax.tree.map(lambda x: x + 1e-3, vae_params)
+  assert not demo.holds_start_point(init_dir, same, vae_cfg, retrained)
+  rescaled = dataclasses.replace(vae_cfg, scaling_factor=2.0)
+  assert not demo.holds_start_point(init_dir, same, rescaled, vae_params)
   # Same settings: build_init_pipeline returns the folder as it is.
   stamp = os.path.getmtime(os.path.join(init_dir, "vidrd.json"))
   assert demo.build_init_pipeline(config, settings, vae_cfg, vae_params, init_dir) == init_dir
@@ -222,3 +228,33 @@ def test_demo_image_stage_trains_the_image_model_only(pipe_and_clips, tmp_path):
     np.testing.assert_allclose(flat_after[k], flat_before[k], rtol=1e-6, atol=1e-7, err_msg=k)
   moved = [k for k in spatial if np.abs(flat_after[k] - flat_before[k]).max() > 1e-5]
   assert len(moved) > 0.9 * len(spatial), sorted(set(spatial) - set(moved))[:10]
+
+
+def test_demo_vae_is_trained_again_when_its_settings_change(tmp_path):
+  from vidrd_jax import demo
+  config = demo.load_config(demo.DEFAULT_CONFIG, quick=True)
+  settings = dataclasses.replace(demo.quick_settings(), vae_steps=2, vae_batch=2)
+  out = str(tmp_path / "vae")
+  written = lambda: os.path.getmtime(os.path.join(out, "config.json"))
+  _, params, check = demo.train_vae(config, settings, out)
+  assert check["spec"] == demo.vae_spec(config, settings, 0)
+  stamp = written()
+  # Same settings: the trained VAE is read back, not trained again.
+  _, again, check_again = demo.train_vae(config, settings, out)
+  assert written() == stamp and check_again == check
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+  # Another learning rate: trained again, and the folder says with what.
+  changed = dataclasses.replace(settings, vae_learning_rate=2e-3)
+  _, retrained, check_changed = demo.train_vae(config, changed, out)
+  assert written() != stamp and check_changed["spec"]["learning_rate"] == 2e-3
+  assert not all(np.array_equal(a, b)
+                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(retrained)))
+  # A folder written before the settings were recorded is not trusted either.
+  assert demo.holds_vae(out, check_changed["spec"])
+  with open(os.path.join(out, "check.json")) as f:
+    old = json.load(f)
+  del old["spec"]
+  with open(os.path.join(out, "check.json"), "w") as f:
+    json.dump(old, f)
+  assert not demo.holds_vae(out, check_changed["spec"])
+  assert not demo.holds_vae(str(tmp_path / "nothing"), check_changed["spec"])

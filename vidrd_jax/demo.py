@@ -68,8 +68,11 @@ class DemoSettings:
   # Stage 1: the tiny VAE.
   vae_channels: tuple[int, ...] = (32, 32, 64)   # 3 levels: 32x32 frames -> 8x8 latents
   norm_groups: int = 8                # GroupNorm groups of the VAE and UNet (spatial layers)
-  vae_steps: int = 300
-  vae_batch: int = 16                 # single frames
+  # The autoencoder's reconstructions bound what the UNet can draw: after 300 steps of 16 frames
+  # it rounded the corners of a single frame's square or triangle (detector 0.64 on shape),
+  # after 800 steps of 8 it keeps them (0.98; docs/demo_findings.md) for 30-40 s more.
+  vae_steps: int = 800
+  vae_batch: int = 8                  # single frames
   vae_learning_rate: float = 1e-3
   vae_kl_weight: float = 1e-6
   vae_foreground_weight: float = 9.0
@@ -147,6 +150,25 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Stage 1: the tiny VAE.
 
+def vae_spec(config, settings: DemoSettings, seed: int) -> dict[str, Any]:
+  """What the demo's VAE is trained from; a change trains it again (and so everything after it)."""
+  spec = {"channels": settings.vae_channels, "norm_groups": settings.norm_groups,
+          "temporal": settings.vae_temporal, "steps": settings.vae_steps,
+          "batch": settings.vae_batch, "learning_rate": settings.vae_learning_rate,
+          "kl_weight": settings.vae_kl_weight, "foreground_weight": settings.vae_foreground_weight,
+          "resolution": int(config.data.resolution), "data": synthetic_options(config),
+          "seed": int(seed)}
+  return json.loads(json.dumps(spec, default=_json_default))
+
+
+def holds_vae(out_dir: str, spec: dict[str, Any]) -> bool:
+  """Whether ``out_dir`` holds a complete VAE trained from ``spec`` (see ``vae_spec``)."""
+  check_file = os.path.join(out_dir, "check.json")
+  return (os.path.isfile(os.path.join(out_dir, "config.json"))
+          and os.path.isdir(os.path.join(out_dir, "params"))
+          and _json_file_equals(check_file, spec, key="spec"))
+
+
 def train_vae(config, settings: DemoSettings, out_dir: str, seed: int = 0):
   """Trains the tiny temporal VAE for reconstruction; caches the result in ``out_dir``.
 
@@ -158,13 +180,16 @@ def train_vae(config, settings: DemoSettings, out_dir: str, seed: int = 0):
 
   params_dir = os.path.join(out_dir, "params")
   config_file = os.path.join(out_dir, "config.json")
-  if os.path.isfile(config_file) and os.path.isdir(params_dir):
+  spec = vae_spec(config, settings, seed)
+  if holds_vae(out_dir, spec):
     with open(config_file) as f:
       cfg = vae_lib.AutoencoderKLConfig.from_diffusers(json.load(f))
-    _log(f"VAE: reusing {out_dir}")
     with open(os.path.join(out_dir, "check.json")) as f:
       check = json.load(f)
+    _log(f"VAE: reusing {out_dir}")
     return cfg, pipeline_lib.load_params(params_dir), check
+  if os.path.isdir(out_dir):
+    _log(f"VAE: {out_dir} is incomplete or was trained with other settings; training again")
 
   # 8 groups (4 channels each, as SD's 128 / 32): with one channel per group, GroupNorm
   # normalises every channel on its own and the relative channel amplitudes that carry colour
@@ -240,7 +265,8 @@ def train_vae(config, settings: DemoSettings, out_dir: str, seed: int = 0):
   os.makedirs(tmp)
   pipeline_lib.save_params(os.path.join(tmp, "params"), params)
   check = {"reconstruction_loss": float(rec), "steps": settings.vae_steps,
-           "detector_on_reconstructions": vae_check["accuracy"], "scaling_factor": scale}
+           "detector_on_reconstructions": vae_check["accuracy"], "scaling_factor": scale,
+           "spec": spec}
   with open(os.path.join(tmp, "check.json"), "w") as f:
     json.dump(check, f, indent=2)
   # config.json last: its presence marks a complete stage.
@@ -277,13 +303,21 @@ def unet_config(config, settings: DemoSettings, vae_cfg, text_cfg):
       sample_size=config.data.resolution // vae_cfg.downsample_factor)
 
 
-def holds_unet(pipeline_dir: str, unet_cfg) -> bool:
-  """Whether ``pipeline_dir`` is a complete pipeline whose UNet has the config ``unet_cfg``."""
+def holds_start_point(pipeline_dir: str, unet_cfg, vae_cfg, vae_params) -> bool:
+  """Whether ``pipeline_dir`` is a complete pipeline with a UNet of config ``unet_cfg`` and
+  exactly this VAE (config and weights: a VAE trained again makes a new start point)."""
   from vidrd_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(pipeline_dir) or pipeline_lib.missing_pieces(pipeline_dir):
     return False
-  saved_unet, *_ = pipeline_lib.read_configs(pipeline_dir)
-  return saved_unet.to_diffusers() == unet_cfg.to_diffusers()
+  saved_unet, saved_vae, *_ = pipeline_lib.read_configs(pipeline_dir)
+  if (saved_unet.to_diffusers() != unet_cfg.to_diffusers()
+      or saved_vae.to_diffusers() != vae_cfg.to_diffusers()):
+    return False
+  saved = pipeline_lib.load_params(os.path.join(pipeline_dir, pipeline_lib.PARAMS_DIR))["vae"]
+  if jax.tree.structure(saved) != jax.tree.structure(vae_params):
+    return False
+  return all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(vae_params)))
 
 
 def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out_dir: str,
@@ -295,12 +329,14 @@ def build_init_pipeline(config, settings: DemoSettings, vae_cfg, vae_params, out
 
   text_cfg = text_lib.CLIPTextConfig.tiny()
   unet_cfg = unet_config(config, settings, vae_cfg, text_cfg)
-  if holds_unet(out_dir, unet_cfg):
+  if holds_start_point(out_dir, unet_cfg, vae_cfg, vae_params):
     _log(f"init pipeline: reusing {out_dir}")
     return out_dir
   if os.path.isdir(out_dir):
-    # Other UNet settings: a new start point (and, through its new stamp, new latents and training).
-    _log(f"init pipeline: {out_dir} is incomplete or holds another UNet config; initialising again")
+    # Other UNet settings or another VAE: a new start point (and, through its new stamp, new
+    # latents and training).
+    _log(f"init pipeline: {out_dir} is incomplete or holds another UNet config or VAE; "
+         "initialising again")
   k_unet, k_text = jax.random.split(jax.random.PRNGKey(seed + 2))
   # Jitted: op-by-op initialisation of the UNet3D on CPU takes tens of seconds.
   unet_params = jax.jit(lambda k: nn_unbox(unet3d.init_params(unet_cfg, k)))(k_unet)
@@ -334,7 +370,7 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
   spec = {"sources": [dict(s) for s in config.data.sources], "frames": int(config.data.frames),
           "resolution": int(config.data.resolution), "num_records": int(settings.latent_clips),
           "seed": int(config.seed),
-          # The init pipeline (and its VAE) is rewritten only by a fresh start.
+          # The init pipeline is rewritten for another UNet config or VAE (or by a fresh start).
           "init_written": os.path.getmtime(os.path.join(init_dir, "vidrd.json"))}
   spec = json.loads(json.dumps(spec, default=_json_default))
   spec_file = os.path.join(out_dir, "demo_spec.json")
@@ -360,12 +396,15 @@ def pack_latents(config, settings: DemoSettings, init_dir: str, out_dir: str) ->
   return out_dir
 
 
-def _json_file_equals(path: str, obj: Any) -> bool:
-  """Whether the JSON file ``path`` exists and holds ``obj``."""
+def _json_file_equals(path: str, obj: Any, key: str | None = None) -> bool:
+  """Whether the JSON file ``path`` exists and holds ``obj`` (under ``key``, if given)."""
   if not os.path.isfile(path):
     return False
   with open(path) as f:
-    return json.load(f) == obj
+    saved = json.load(f)
+  if key is not None:
+    saved = saved.get(key) if isinstance(saved, dict) else None
+  return saved == obj
 
 
 def forget_training_on_other_latents(latents_dir: str, train_dir: str,
