@@ -217,3 +217,34 @@ def test_per_clip_accuracy_tells_reversed_clips():
     metrics.per_clip_accuracy(forward, targets, 6)
   with pytest.raises(ValueError, match="clip_frames must be >= 2"):
     metrics.per_clip_accuracy(forward, targets, 1)
+
+
+def test_demo_summary_prints_what_the_run_measured(capsys):
+  """print_summary on a result assembled by the demo's own metric functions from real clips."""
+  from vidrd_jax import demo
+  source = SyntheticVideoSource(4, 16, 32, seed=3, split="all")
+  records = [source[i] for i in range(4)]
+  videos = [r["video"] for r in records]
+  targets = [r["attributes"] for r in records]
+  kw = dict(colors=source.colors, shapes=source.shapes, directions=source.directions)
+  following = {}
+  for m in ("vidrd", "independent"):
+    following[m] = metrics.caption_following(videos, targets, **kw)
+    following[m]["per_clip_accuracy"] = metrics.per_clip_accuracy(videos, targets, 8, **kw)
+  boundary = {m: metrics.boundary_stats(np.stack(videos), 8)
+              for m in ("vidrd", "independent", "real")}
+  result = {"num_videos": 4, "caption_following": following, "boundary": boundary,
+            "detector_on_real": metrics.detector_accuracy_on_real(source, 4),
+            "training": {"image_steps": 800, "image_batch_size": 64, "steps": 500,
+                         "global_batch_size": 8, "first_loss": 0.35, "final_loss": 0.12},
+            "timing": {"total_s": 700.0}, "cpu_s": 1200.0, "memory": {"peak_rss_bytes": 2**31}}
+  result["goals"] = metrics.demo_goals(result)
+  demo.print_summary(result)
+  out = capsys.readouterr().out
+  assert "800 steps of 64 single frames, then 500 steps of 8 clips, clip loss 0.3500 -> 0.1200" in out
+  assert "  color        1.000   1.000   0.250   0.700     1.000   4/4" in out
+  assert "[pass] end-to-end time (s)" in out
+  # A video stage that logged no loss (run() records None) is said so, not a crash.
+  result["training"].update(first_loss=None, final_loss=None)
+  demo.print_summary(result)
+  assert "500 steps of 8 clips, no clip loss logged" in capsys.readouterr().out

@@ -819,8 +819,10 @@ def print_summary(result: dict[str, Any]) -> None:
   tr = result["training"]
   image = (f"{tr['image_steps']} steps of {tr['image_batch_size']} single frames, then "
            if tr.get("image_steps") else "")
-  lines.append(f"Training: {image}{tr['steps']} steps of {tr['global_batch_size']} clips, "
-               f"clip loss {tr['first_loss']:.4f} -> {tr['final_loss']:.4f}")
+  # run() records None for the losses when the video stage logged none.
+  loss = (f"clip loss {tr['first_loss']:.4f} -> {tr['final_loss']:.4f}"
+          if tr.get("first_loss") is not None else "no clip loss logged")
+  lines.append(f"Training: {image}{tr['steps']} steps of {tr['global_batch_size']} clips, {loss}")
   lines.append("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timing"].items())
                + f" (CPU time {result['cpu_s']:.0f} s); peak memory {result['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
   lines.append("Goals:")
