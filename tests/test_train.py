@@ -1,5 +1,6 @@
 """Train step on the tiny models: sharded == single device, frozen selection, resume, overfit."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -260,6 +261,57 @@ def test_timestep_sampling_densities():
     assert abs(np.std(logit) - std) < 0.05 * std, (std, np.std(logit))
   with pytest.raises(ValueError, match="timestep_sampling must be"):
     train_lib.sample_timesteps(rng, 4, n, train_lib.StepConfig(timestep_sampling="cosine"))
+
+
+def test_min_snr_weights_match_diffusers_and_count_x0_error_min_snr_times():
+  """Min-SNR-gamma: diffusers' train_text_to_image weights, and what they mean for x_0."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusers.training_utils import compute_snr
+  from vidrd_jax.diffusion.schedule import DDIMScheduler
+  config = pipeline.ddim_scheduler_config()
+  ours = DDIMScheduler.from_config(config)
+  ref = diffusers.DDPMScheduler.from_config(config)
+  t = np.array([0, 1, 10, 100, 161, 500, 900, 999])
+  gamma = 5.0
+  snr = compute_snr(ref, torch.from_numpy(t))
+  clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+  for kind, expected in (("epsilon", clipped / snr), ("v_prediction", clipped / (snr + 1))):
+    got = np.asarray(train_lib.min_snr_weights(ours, jnp.asarray(t), gamma, kind))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    # The weighted squared error of a prediction is min(SNR, gamma) x the squared error of the
+    # x_0 that DDIM reads from it.
+    rng = np.random.default_rng(0)
+    x0, noise, err = (jnp.asarray(rng.standard_normal((len(t), 16)), jnp.float32) for _ in range(3))
+    sched = DDIMScheduler.from_config(config, prediction_type=kind)
+    xt = sched.add_noise(x0, noise, jnp.asarray(t))
+    target = noise if kind == "epsilon" else sched.get_velocity(x0, noise, jnp.asarray(t))
+    x0_hat = jax.vmap(lambda p, ti, s: sched.step(p, ti, s, 50).pred_original_sample)(
+        target + err, jnp.asarray(t), xt)
+    weighted = got * np.mean(np.square(err), axis=1)
+    x0_error = np.minimum(snr.numpy(), gamma) * np.mean(np.square(x0_hat - x0), axis=1)
+    np.testing.assert_allclose(weighted, x0_error, rtol=2e-3)
+  with pytest.raises(ValueError, match="prediction_type must be"):
+    train_lib.min_snr_weights(ours, jnp.asarray(t), gamma, "sample")
+
+
+def test_min_snr_loss_with_a_gamma_above_every_snr_is_the_plain_mse(paper_setups, tmp_path):
+  _, _, st1, _ = paper_setups
+  state, frozen = st1.init_state(), st1.init_frozen()
+  rng = np.random.default_rng(0)
+  batch = {"latents": jnp.asarray(rng.standard_normal((4, 2, 8, 8, 4)), jnp.float32),
+           "input_ids": jnp.asarray(st1.components.tokenizer(["a red circle moving left"] * 4))}
+  plain = dataclasses.replace(st1.step_config, prediction_type="epsilon")
+  # Epsilon weights are min(SNR, gamma) / SNR: exactly 1 when gamma exceeds every SNR (~1200),
+  # below 1 for every example when gamma is below every SNR (~0.005 at t = 999).
+  cfgs = (plain, dataclasses.replace(plain, snr_gamma=1e6), dataclasses.replace(plain, snr_gamma=1e-3))
+  losses = jax.jit(lambda p: [train_lib.diffusion_loss(p, st1.components.models, frozen, batch,
+                                                       jax.random.PRNGKey(1), c) for c in cfgs])
+  unweighted, above, below = (float(x) for x in losses(state.params))
+  np.testing.assert_allclose(above, unweighted, rtol=1e-6)
+  assert 0 < below < unweighted
+  with pytest.raises(ValueError, match="snr_gamma must be >= 0"):
+    train.setup(tiny_config(snr_gamma=-1.0), str(tmp_path))
 
 
 def test_every_config_file_is_complete():

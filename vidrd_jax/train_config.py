@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.timestep_sampling = "uniform"
   config.timestep_logit_mean = 0.0
   config.timestep_logit_std = 1.0
+  # Min-SNR-gamma loss weighting (train_lib.min_snr_weights; diffusers' --snr_gamma, 5.0 in its
+  # paper): 0 trains with the reference's plain MSE.
+  config.snr_gamma = 0.0
   config.ema_decay = 0.9999
   config.ema_warmup = True
   config.sample_posterior = True  # VAE posterior sample (True) or mean as the latent
@@ -186,6 +189,8 @@ def check_config(config: ml_collections.ConfigDict, base: ml_collections.ConfigD
                        f"got {config.timestep_sampling!r}")
     if not config.timestep_logit_std > 0:
       raise ValueError(f"timestep_logit_std must be > 0, got {config.timestep_logit_std}")
+  if "snr_gamma" in config and not config.snr_gamma >= 0:
+    raise ValueError(f"snr_gamma must be >= 0 (0: unweighted MSE), got {config.snr_gamma}")
   if "model" in config and "temp_conv_dropout" in config.model:
     if not 0.0 <= config.model.temp_conv_dropout < 1.0:
       raise ValueError(f"model.temp_conv_dropout must be in [0, 1), got {config.model.temp_conv_dropout}")
