@@ -291,6 +291,11 @@ def test_min_snr_weights_match_diffusers_and_count_x0_error_min_snr_times():
     weighted = got * np.mean(np.square(err), axis=1)
     x0_error = np.minimum(snr.numpy(), gamma) * np.mean(np.square(x0_hat - x0), axis=1)
     np.testing.assert_allclose(weighted, x0_error, rtol=2e-3)
+  # Zero terminal SNR (its last step has alpha_bar = 0): finite weights, 1 for epsilon, 0 for v.
+  zsnr = DDIMScheduler.from_config(config, rescale_betas_zero_snr=True)
+  last = jnp.asarray([zsnr.num_train_timesteps - 1])
+  assert float(train_lib.min_snr_weights(zsnr, last, gamma, "epsilon")[0]) == 1.0
+  assert float(train_lib.min_snr_weights(zsnr, last, gamma, "v_prediction")[0]) == 0.0
   with pytest.raises(ValueError, match="prediction_type must be"):
     train_lib.min_snr_weights(ours, jnp.asarray(t), gamma, "sample")
 

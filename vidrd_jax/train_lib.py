@@ -300,7 +300,8 @@ def min_snr_weights(scheduler: Any, timesteps: jax.Array, gamma: float,
   snr = alpha_bar / (1.0 - alpha_bar)
   clipped = jnp.minimum(snr, gamma)
   if prediction_type == "epsilon":
-    return clipped / snr
+    # A zero-terminal-SNR schedule has SNR = 0 at its last step, where min(SNR, gamma) / SNR -> 1.
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
   if prediction_type == "v_prediction":
     return clipped / (snr + 1.0)
   raise ValueError(f"prediction_type must be {train_config.one_of(train_config.PREDICTION_TYPES)}, "
