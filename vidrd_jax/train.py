@@ -364,7 +364,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> Setu
       timestep_sampling=config.timestep_sampling,
       timestep_logit_mean=float(config.timestep_logit_mean),
       timestep_logit_std=float(config.timestep_logit_std),
-      snr_gamma=float(config.get("snr_gamma", 0.0)))
+      snr_gamma=float(config.snr_gamma))
   step_fn = functools.partial(train_lib.train_step, models=models, tx=tx, mask=mask,
                               schedule=schedule, cfg=step_config)
   jitted = train_lib.jit_train_step(
