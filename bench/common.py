@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from vidrd_jax import host_allocator
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO_ROOT, "BENCHMARKS.md")
 
@@ -402,7 +404,8 @@ def append_section(title: str, body: str, args: Optional[argparse.Namespace] = N
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   cmd = "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:])
   meta = [f"- date: {now}", f"- device: {device_string()}", f"- versions: {versions_string()}",
-          f"- machine load at the end: {load_string()}", f"- command: `{cmd}`"]
+          f"- machine load at the end: {load_string()}", f"- command: `{cmd}`",
+          f"- host allocator: {host_allocator.describe()}"]
   if args is not None and getattr(args, "note", ""):
     meta.append(f"- note: {args.note}")
   note = contention_note()
