@@ -36,6 +36,20 @@ def test_allocator_env_prefers_tcmalloc_then_glibc_huge_pages_and_keeps_what_is_
   assert _env({"VIDRD_HOST_ALLOCATOR": "system"}, tcmalloc=tc) == {}
 
 
+def test_tcmalloc_is_read_from_ldconfig_for_this_word_size(tmp_path):
+  lib64, lib32 = tmp_path / "64" / host_allocator.TCMALLOC, tmp_path / "32" / host_allocator.TCMALLOC
+  for lib in (lib64, lib32):
+    lib.parent.mkdir()
+    lib.write_bytes(b"")
+  listing = (f"2 libs found in cache `/etc/ld.so.cache'\n"
+             f"\tlibtcmalloc_minimal_debug.so.4 (libc6,x86-64) => /nowhere/libtcmalloc_minimal_debug.so.4\n"
+             f"\tlibtcmalloc_minimal.so.4 (libc6) => {lib32}\n"
+             f"\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {lib64}\n")
+  assert host_allocator.tcmalloc_in_ldconfig(listing, bits64=True) == str(lib64)
+  assert host_allocator.tcmalloc_in_ldconfig(listing, bits64=False) == str(lib32)
+  assert host_allocator.tcmalloc_in_ldconfig(listing.replace(str(lib64), "/gone.so"), bits64=True) is None
+
+
 def test_main_prints_assignments_env_can_read():
   out = subprocess.run([sys.executable, "-m", "vidrd_jax.host_allocator"], cwd=ROOT, check=True,
                        capture_output=True, text=True,

@@ -52,14 +52,23 @@ def find_tcmalloc() -> Optional[str]:
                              check=False).stdout
   except (OSError, subprocess.SubprocessError):
     listing = ""
-  for line in listing.splitlines():
-    # "\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-    name, _, path = line.strip().partition(" => ")
-    if name.startswith(TCMALLOC + " ") and os.path.exists(path):
-      return path
+  path = tcmalloc_in_ldconfig(listing, bits64=sys.maxsize > 2**32)
+  if path:
+    return path
   for d in _FALLBACK_DIRS:
     path = os.path.join(d, TCMALLOC)
     if os.path.exists(path):
+      return path
+  return None
+
+
+def tcmalloc_in_ldconfig(listing: str, bits64: bool) -> Optional[str]:
+  """The tcmalloc of this word size in ``ldconfig -p`` output (that exists on disk), or None."""
+  for line in listing.splitlines():
+    # "\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    name, _, path = line.strip().partition(" => ")
+    # A library of the other word size would only be refused (with a warning) by the loader.
+    if name.startswith(TCMALLOC + " ") and ("64" in name) == bits64 and os.path.exists(path):
       return path
   return None
 
