@@ -667,7 +667,7 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
     shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     os.makedirs(os.path.join(out, sub))
   allocator = host_allocator.describe()
-  if allocator == "glibc malloc" and host_allocator.allocator_env():
+  if host_allocator.allocator_env():  # nothing chosen yet, and something better is installed
     allocator += (" (the demo runs 20-37% faster as `make demo` runs it: "
                   "env $(python3 -m vidrd_jax.host_allocator) python -m vidrd_jax.demo ...)")
   _log(f"host allocator: {allocator}")
