@@ -4,10 +4,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# XLA:CPU maps each step's temporaries fresh from the kernel under glibc's malloc; this picks
-# tcmalloc if installed, else glibc's huge pages (vidrd_jax/host_allocator.py): the demo takes
-# 8:23 with tcmalloc, 10:44 with huge pages, 13:19 with neither.
-ALLOC_ENV := $(shell python3 -m vidrd_jax.host_allocator 2>/dev/null)
+ALLOCATOR := $(VENV)/.host-allocator
+# XLA:CPU maps each step's temporaries fresh from the kernel under glibc's malloc. The demo and
+# the tests run under tcmalloc instead, fetched into the venv without root on Debian/Ubuntu,
+# else under glibc's huge pages (vidrd_jax/host_allocator.py): the demo takes 8:23 with
+# tcmalloc, 10:44 with huge pages, 13:19 with neither. Read when the recipe runs (after the fetch).
+ALLOC_ENV = $$($(PY) -m vidrd_jax.host_allocator 2>/dev/null)
 
 .PHONY: demo test install install-test
 
@@ -25,11 +27,16 @@ $(VENV)/.installed-test: requirements-test.txt $(STAMP)
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
-install: $(STAMP)
-install-test: $(VENV)/.installed-test
+# Never fails: without tcmalloc the runs fall back to huge pages, and say so.
+$(ALLOCATOR): vidrd_jax/host_allocator.py | $(VENV)/bin/python
+	$(PY) -m vidrd_jax.host_allocator --fetch
+	touch $@
 
-demo: $(STAMP)
+install: $(STAMP) $(ALLOCATOR)
+install-test: $(VENV)/.installed-test $(ALLOCATOR)
+
+demo: $(STAMP) $(ALLOCATOR)
 	env $(ALLOC_ENV) $(PY) -m vidrd_jax.demo --out=demo_out
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(ALLOCATOR)
 	env $(ALLOC_ENV) $(PY) -m pytest -q -n 2 --dist=loadfile --durations=15

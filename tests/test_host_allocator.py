@@ -58,6 +58,28 @@ def test_main_prints_assignments_env_can_read():
   assert dict(kv.split("=", 1) for kv in out.split()) == expected
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Debian/Ubuntu packages")
+def test_fetch_puts_a_tcmalloc_that_preloads_into_the_folder_without_root(tmp_path):
+  dest = str(tmp_path / "lib")
+  path, message = host_allocator.fetch_tcmalloc(dest)
+  if path is None:
+    # Not Debian/Ubuntu, or no package index: the message says which, and nothing is left behind.
+    assert message and not os.path.exists(os.path.join(dest, host_allocator.TCMALLOC)), message
+    pytest.skip(message)
+  if message == f"using the installed {path}":   # a system tcmalloc is not copied
+    assert not os.path.exists(dest)
+    pytest.skip(message)
+  assert message.startswith("fetched ") and os.listdir(dest) == [host_allocator.TCMALLOC]
+  assert host_allocator.preloads_cleanly(path)
+  assert host_allocator.fetch_tcmalloc(dest) == (path, f"already fetched: {path}")
+
+
+def test_main_refuses_unknown_arguments():
+  run = subprocess.run([sys.executable, "-m", "vidrd_jax.host_allocator", "--fecth"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert run.returncode != 0 and "--fecth" in run.stderr and not run.stdout
+
+
 # A jitted call whose buffers are far above glibc's mmap threshold, as a train step's are: the
 # minor page faults it costs per call.
 _PROBE = textwrap.dedent("""

@@ -669,7 +669,7 @@ def run(out: str, *, quick: bool = False, fresh: bool = False, config_path: str 
   allocator = host_allocator.describe()
   if host_allocator.allocator_env():  # nothing chosen yet, and something better is installed
     allocator += (" (the demo runs 20-37% faster as `make demo` runs it: "
-                  "env $(python3 -m vidrd_jax.host_allocator) python -m vidrd_jax.demo ...)")
+                  "env $(python -m vidrd_jax.host_allocator) python -m vidrd_jax.demo ...)")
   _log(f"host allocator: {allocator}")
 
   t = time.perf_counter()

@@ -13,10 +13,15 @@ zeroes every page (README, "Speed").
 Both are chosen through the environment before the process starts (``LD_PRELOAD``,
 ``GLIBC_TUNABLES``), so launchers apply them to the processes they start; the Makefile does::
 
-    env $(python3 -m vidrd_jax.host_allocator) .venv/bin/python -m vidrd_jax.demo
+    env $(.venv/bin/python -m vidrd_jax.host_allocator) .venv/bin/python -m vidrd_jax.demo
 
 ``VIDRD_HOST_ALLOCATOR=system`` keeps the environment as it is. GPU and TPU runs keep their
 tensors in device memory, so this matters only where XLA:CPU computes.
+
+tcmalloc needs no root: on Debian and Ubuntu ``make install`` runs ``python -m
+vidrd_jax.host_allocator --fetch``, which downloads the distribution's own package
+(``apt-get download libtcmalloc-minimal4``, ~100 kB) and unpacks its library into the Python
+environment (``<sys.prefix>/lib/vidrd_host/``), where :func:`find_tcmalloc` looks after the system.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Mapping, Optional
 
 TCMALLOC = "libtcmalloc_minimal.so.4"
@@ -43,10 +50,22 @@ _HUGETLB = "glibc.malloc.hugetlb=1"
 _OPT_OUT = "VIDRD_HOST_ALLOCATOR"
 _FALLBACK_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                   "/usr/lib", "/usr/local/lib")
+_DEB_PACKAGE = "libtcmalloc-minimal4"
+
+
+def environment_lib_dir(prefix: Optional[str] = None) -> str:
+  """Where ``--fetch`` puts tcmalloc: inside the Python environment, so it goes with it."""
+  return os.path.join(sys.prefix if prefix is None else prefix, "lib", "vidrd_host")
 
 
 def find_tcmalloc() -> Optional[str]:
-  """Path of an installed tcmalloc (Debian/Ubuntu: ``libtcmalloc-minimal4``), or None."""
+  """Path of tcmalloc: the system's (Debian/Ubuntu: ``libtcmalloc-minimal4``), else the one
+  ``--fetch`` put into this Python environment, else None."""
+  fetched = os.path.join(environment_lib_dir(), TCMALLOC)
+  return _system_tcmalloc() or (fetched if os.path.exists(fetched) else None)
+
+
+def _system_tcmalloc() -> Optional[str]:
   try:
     listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10,
                              check=False).stdout
@@ -60,6 +79,65 @@ def find_tcmalloc() -> Optional[str]:
     if os.path.exists(path):
       return path
   return None
+
+
+def preloads_cleanly(path: str) -> bool:
+  """Whether a process starts with ``path`` preloaded (the loader only warns about a bad one)."""
+  try:
+    run = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LD_PRELOAD": path, **_TCMALLOC_SETTINGS}, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return run.returncode == 0 and "LD_PRELOAD" not in run.stderr
+
+
+def fetch_tcmalloc(dest_dir: Optional[str] = None) -> tuple[Optional[str], str]:
+  """Puts tcmalloc into ``dest_dir`` (default: this environment) without root, where apt can.
+
+  Debian and Ubuntu only: ``apt-get download`` fetches the distribution's own build (so it
+  matches this libc) as an ordinary user, and ``dpkg-deb -x`` unpacks it anywhere. The library is
+  checked by preloading it into a fresh interpreter before it is moved into place. A system
+  tcmalloc makes the fetch unnecessary.
+
+  Returns:
+    (path, message): the library's path, or None with the reason it is not there.
+  """
+  dest_dir = environment_lib_dir() if dest_dir is None else dest_dir
+  if not sys.platform.startswith("linux"):
+    return None, "not Linux: the system allocator is kept"
+  system = _system_tcmalloc()
+  if system:
+    return system, f"using the installed {system}"
+  dest = os.path.join(dest_dir, TCMALLOC)
+  if os.path.exists(dest) and preloads_cleanly(dest):
+    return dest, f"already fetched: {dest}"
+  if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+    return None, "no apt-get / dpkg-deb here (install tcmalloc with the system's package manager)"
+  with tempfile.TemporaryDirectory() as tmp:
+    try:
+      # The sandbox option: apt's download user cannot write into a private temp folder.
+      subprocess.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", _DEB_PACKAGE],
+                     cwd=tmp, capture_output=True, text=True, timeout=180, check=True)
+      deb = next(f for f in os.listdir(tmp) if f.endswith(".deb"))
+      subprocess.run(["dpkg-deb", "-x", deb, "root"], cwd=tmp, capture_output=True, text=True,
+                     timeout=60, check=True)
+    except subprocess.CalledProcessError as e:
+      why = (e.stderr or "").strip().splitlines()
+      return None, f"`{' '.join(e.cmd)}` failed: {why[-1] if why else e.returncode}"
+    except (OSError, subprocess.SubprocessError, StopIteration) as e:
+      return None, f"could not download {_DEB_PACKAGE}: {e!r}"
+    found = [os.path.join(d, TCMALLOC) for d, _, files in os.walk(os.path.join(tmp, "root"))
+             if TCMALLOC in files]
+    if not found:
+      return None, f"{_DEB_PACKAGE}'s package holds no {TCMALLOC}"
+    lib = os.path.realpath(found[0])   # the soname is a link to the versioned file
+    if not preloads_cleanly(lib):
+      return None, f"{deb} does not preload into this Python (another architecture or libc?)"
+    os.makedirs(dest_dir, exist_ok=True)
+    staged = os.path.join(dest_dir, f".{TCMALLOC}.{os.getpid()}")
+    shutil.copyfile(lib, staged)
+    os.replace(staged, dest)         # atomic: a concurrent reader never sees half a library
+  return dest, f"fetched {deb} into {dest}"
 
 
 def tcmalloc_in_ldconfig(listing: str, bits64: bool) -> Optional[str]:
@@ -117,8 +195,20 @@ def describe(environ: Optional[Mapping[str, str]] = None) -> str:
   return "glibc malloc"
 
 
-def main() -> None:
-  """Prints the assignments for ``env`` (nothing where there is nothing to change)."""
+def main(argv: Optional[list[str]] = None) -> None:
+  """Prints the assignments for ``env`` (nothing where there is nothing to change).
+
+  With ``--fetch``: puts tcmalloc into this environment first if it can (see
+  :func:`fetch_tcmalloc`) and says what it did on stderr; it never fails an install.
+  """
+  argv = sys.argv[1:] if argv is None else argv
+  if argv not in ([], ["--fetch"]):
+    sys.exit(f"usage: python -m vidrd_jax.host_allocator [--fetch]; got {argv}")
+  if argv == ["--fetch"]:
+    path, message = fetch_tcmalloc()
+    fallback = "" if path else "; XLA:CPU will run with glibc's huge pages instead"
+    print(f"host allocator: {message}{fallback}", file=sys.stderr)
+    return
   print(" ".join(f"{k}={shlex.quote(v)}" for k, v in allocator_env().items()))
 
 
