@@ -198,7 +198,7 @@ def describe(environ: Optional[Mapping[str, str]] = None) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
   """Prints the assignments for ``env`` (nothing where there is nothing to change).
 
-  With ``--fetch``: puts tcmalloc into this environment first if it can (see
+  With ``--fetch`` instead: puts tcmalloc into this environment if it can (see
   :func:`fetch_tcmalloc`) and says what it did on stderr; it never fails an install.
   """
   argv = sys.argv[1:] if argv is None else argv
@@ -206,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(f"usage: python -m vidrd_jax.host_allocator [--fetch]; got {argv}")
   if argv == ["--fetch"]:
     path, message = fetch_tcmalloc()
-    fallback = "" if path else "; XLA:CPU will run with glibc's huge pages instead"
+    fallback = "" if path else "; XLA:CPU runs on glibc's malloc (with huge pages, glibc >= 2.35)"
     print(f"host allocator: {message}{fallback}", file=sys.stderr)
     return
   print(" ".join(f"{k}={shlex.quote(v)}" for k, v in allocator_env().items()))
