@@ -53,9 +53,9 @@ _FALLBACK_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/u
 _DEB_PACKAGE = "libtcmalloc-minimal4"
 
 
-def environment_lib_dir(prefix: Optional[str] = None) -> str:
+def environment_lib_dir() -> str:
   """Where ``--fetch`` puts tcmalloc: inside the Python environment, so it goes with it."""
-  return os.path.join(sys.prefix if prefix is None else prefix, "lib", "vidrd_host")
+  return os.path.join(sys.prefix, "lib", "vidrd_host")
 
 
 def find_tcmalloc() -> Optional[str]:
